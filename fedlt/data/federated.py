@@ -1,0 +1,197 @@
+"""The federated dataset of a run: prepared once on the driver, opened once per client actor.
+
+``prepare`` loads the source, applies the long-tail profile, partitions the long-tailed training set over the
+clients and draws the local test sets. The split (index arrays only) is cached under
+``<cache_dir>/splits/<hash>.npz``, keyed by everything it depends on. Client actors receive a small, picklable
+:class:`DataPlan` and open the memory-mapped source arrays and the split once per process (``client_data``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedlt.data.augment import to_float
+from fedlt.data.local_test import proportional_local_tests
+from fedlt.data.longtail import IF_CONVENTION, longtail_counts, select_longtail
+from fedlt.data.partition import partition
+from fedlt.data.sources import SourceArrays, load_source, open_cached_source
+
+
+@dataclass(frozen=True)
+class DataPlan:
+    """Everything a client process needs to open its data view (paths, not arrays)."""
+
+    source_name: str
+    source_cache: str
+    split_path: str
+    mean: tuple
+    std: tuple
+    num_classes: int
+    num_clients: int
+    augment_padding: int
+    augment_hflip: bool
+
+
+@dataclass
+class FederatedSplit:
+    lt_indices: np.ndarray  # indices of the long-tailed training set into the source training split
+    client_train: list[np.ndarray]  # per client: indices into the source training split
+    client_test: list[np.ndarray]  # per client: indices into the source test split
+    class_counts: np.ndarray  # clients x classes training counts
+    global_counts: np.ndarray  # classes: long-tailed training counts
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".split-", suffix=".npz", dir=path.parent)
+        os.close(fd)
+        try:
+            arrays = {"lt_indices": self.lt_indices, "class_counts": self.class_counts,
+                      "global_counts": self.global_counts}
+            for k, (tr, te) in enumerate(zip(self.client_train, self.client_test, strict=True)):
+                arrays[f"train_{k}"] = tr
+                arrays[f"test_{k}"] = te
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "FederatedSplit":
+        with np.load(path) as z:
+            n = int(z["class_counts"].shape[0])
+            return cls(
+                lt_indices=z["lt_indices"], class_counts=z["class_counts"], global_counts=z["global_counts"],
+                client_train=[z[f"train_{k}"] for k in range(n)], client_test=[z[f"test_{k}"] for k in range(n)],
+            )
+
+
+def split_key(source: SourceArrays, cfg: dict) -> str:
+    d, p = cfg["dataset"], cfg["partition"]
+    relevant = {
+        "source": source.cache_dir, "n_max": d.get("n_max"), "if": d["imbalance_factor"], "profile": d["profile"],
+        "lt_seed": d.get("longtail_seed", 0), "partition": p, "clients": cfg["num_clients"], "seed": cfg["seed"],
+        "local_test": cfg["eval"]["local_test"], "version": 1,
+    }
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def build_split(source: SourceArrays, cfg: dict) -> FederatedSplit:
+    d, p = cfg["dataset"], cfg["partition"]
+    k = source.num_classes
+    available = np.bincount(np.asarray(source.train_y), minlength=k)
+    n_max = int(d.get("n_max") or available.max())
+    counts = longtail_counts(k, n_max, float(d["imbalance_factor"]), d["profile"])
+    lt_idx = select_longtail(np.asarray(source.train_y), counts, seed=int(d.get("longtail_seed", 0)))
+    lt_labels = np.asarray(source.train_y)[lt_idx]
+    params = {key: v for key, v in p.items() if key not in ("name", "min_samples_per_client", "max_attempts")}
+    parts = partition(lt_labels, int(cfg["num_clients"]), p["name"], seed=int(cfg["seed"]),
+                      min_samples_per_client=int(p.get("min_samples_per_client", 0)),
+                      max_attempts=int(p.get("max_attempts", 100)), **params)
+    client_train = [lt_idx[part] for part in parts]
+    class_counts = np.stack([np.bincount(lt_labels[part], minlength=k) for part in parts])
+    client_test = proportional_local_tests(class_counts, np.asarray(source.test_y), seed=int(cfg["seed"]))
+    return FederatedSplit(lt_idx, client_train, client_test, class_counts, counts)
+
+
+def prepare(cfg: dict) -> tuple[DataPlan, FederatedSplit, SourceArrays]:
+    """Load (or reuse) the source and the split for a validated run config."""
+    source = load_source(cfg["dataset"], cfg.get("data_root"), cfg["cache_dir"])
+    cache = Path(os.path.expanduser(str(cfg["cache_dir"]))) / "splits"
+    path = cache / f"{split_key(source, cfg)}.npz"
+    if path.exists():
+        split = FederatedSplit.load(path)
+    else:
+        split = build_split(source, cfg)
+        split.save(path)
+    aug = cfg["dataset"].get("augment") or {}
+    plan = DataPlan(
+        source_name=source.name, source_cache=source.cache_dir, split_path=str(path), mean=tuple(source.mean),
+        std=tuple(source.std), num_classes=source.num_classes, num_clients=int(cfg["num_clients"]),
+        augment_padding=int(aug.get("crop_padding", 0)), augment_hflip=bool(aug.get("hflip", False)),
+    )
+    return plan, split, source
+
+
+def summary(split: FederatedSplit, source: SourceArrays, cfg: dict) -> dict:
+    """The ``partition.json`` content: what a user needs to check the split without training."""
+    d = cfg["dataset"]
+    return {
+        "dataset": d["name"], "classes": list(source.classes), "num_clients": len(split.client_train),
+        "imbalance_factor": float(d["imbalance_factor"]), "imbalance_convention": IF_CONVENTION,
+        "profile": d["profile"], "partition": dict(cfg["partition"]), "seed": int(cfg["seed"]),
+        "global_class_counts": split.global_counts.tolist(), "train_size": int(split.global_counts.sum()),
+        "client_train_sizes": [int(len(t)) for t in split.client_train],
+        "client_class_counts": split.class_counts.tolist(),
+        "local_test": cfg["eval"]["local_test"],
+        "client_test_sizes": [int(len(t)) for t in split.client_test],
+        "test_size": int(len(source.test_y)),
+    }
+
+
+# ------------------------------------------------------------------------------------------- client side
+@dataclass
+class ClientData:
+    """One client's view: raw uint8 training images (augmented per batch), normalised test images."""
+
+    client_id: int
+    train_x: torch.Tensor  # uint8 N,H,W,C
+    train_y: torch.Tensor
+    test_x: torch.Tensor  # float N,C,H,W normalised
+    test_y: torch.Tensor
+    train_counts: torch.Tensor  # per-class training counts (num_classes)
+    test_counts: torch.Tensor  # per-class local test counts
+    plan: DataPlan
+
+    @property
+    def num_train(self) -> int:
+        return int(self.train_y.numel())
+
+    def normalise(self, x_uint8: torch.Tensor) -> torch.Tensor:
+        return to_float(x_uint8, self.plan.mean, self.plan.std)
+
+
+@lru_cache(maxsize=4)
+def _open(plan: DataPlan) -> tuple[SourceArrays, FederatedSplit]:
+    return open_cached_source(plan.source_cache, plan.source_name, plan.mean, plan.std), FederatedSplit.load(
+        plan.split_path)
+
+
+def client_data(plan: DataPlan, client_id: int) -> ClientData:
+    """Open (once per process) and slice one client's data."""
+    source, split = _open(plan)
+    tr, te = split.client_train[client_id], split.client_test[client_id]
+    k = plan.num_classes
+    train_y = torch.from_numpy(np.array(source.train_y[tr], dtype=np.int64))
+    test_y = torch.from_numpy(np.array(source.test_y[te], dtype=np.int64))
+    return ClientData(
+        client_id=client_id,
+        train_x=torch.from_numpy(np.array(source.train_x[tr])),
+        train_y=train_y,
+        test_x=to_float(torch.from_numpy(np.array(source.test_x[te])), plan.mean, plan.std),
+        test_y=test_y,
+        train_counts=torch.bincount(train_y, minlength=k),
+        test_counts=torch.bincount(test_y, minlength=k),
+        plan=plan,
+    )
+
+
+def global_test(plan: DataPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """The balanced test split, normalised (server-side generic evaluation)."""
+    source, _ = _open(plan)
+    x = to_float(torch.from_numpy(np.array(source.test_x)), plan.mean, plan.std)
+    return x, torch.from_numpy(np.array(source.test_y, dtype=np.int64))
+
+
+def plan_dict(plan: DataPlan) -> dict:
+    return asdict(plan)

@@ -1,0 +1,222 @@
+"""Dataset sources: find the raw files, decode them once, cache the arrays.
+
+A source yields :class:`SourceArrays` (uint8 images N x H x W x C, int64 labels, the official class order).
+Decoded arrays are cached under ``<cache_dir>/sources/<name>-<hash>/`` keyed by the SHA-256 of the raw
+files, written to a temporary folder and renamed into place, so a second run starts without decoding and an
+interrupted decode never leaves a half-written cache. Arrays are opened memory-mapped: every Ray actor on a
+machine shares the same page cache instead of holding its own copy.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import struct
+import tempfile
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+class DataError(RuntimeError):
+    """Missing, corrupt or unusable data (reported to the user as one paragraph, no traceback)."""
+
+
+@dataclass
+class SourceArrays:
+    name: str
+    classes: list[str]
+    train_x: np.ndarray
+    train_y: np.ndarray
+    test_x: np.ndarray
+    test_y: np.ndarray
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    cache_dir: str = ""
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one image as the models see it."""
+        _, h, w, c = self.train_x.shape
+        return (c, h, w)
+
+
+def sha256_files(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in sorted(paths, key=lambda q: q.name):
+        h.update(p.name.encode())
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+ARRAY_NAMES = ("train_x", "train_y", "test_x", "test_y")
+
+
+def cached_arrays(cache_root: Path, key: str, decode: Callable[[], dict]) -> tuple[dict, Path]:
+    """Return the arrays cached under ``cache_root/key`` (memory-mapped), decoding them first if absent."""
+    target = cache_root / key
+    if not (target / "meta.json").exists():
+        cache_root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=cache_root))
+        try:
+            arrays = decode()
+            for n in ARRAY_NAMES:
+                np.save(tmp / f"{n}.npy", np.ascontiguousarray(arrays[n]))
+            (tmp / "meta.json").write_text(json.dumps({"classes": list(arrays["classes"]), **arrays.get("meta", {})}))
+            try:
+                os.replace(tmp, target)
+            except OSError:  # another process won the race; its copy is identical
+                shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    out = {n: np.load(target / f"{n}.npy", mmap_mode="r") for n in ARRAY_NAMES}
+    meta = json.loads((target / "meta.json").read_text())
+    out["classes"] = meta.pop("classes")
+    out["meta"] = meta
+    return out, target
+
+
+# --------------------------------------------------------------------------------------------- Fashion-MNIST
+FMNIST_FILES = {
+    "train_x": "train-images-idx3-ubyte.gz",
+    "train_y": "train-labels-idx1-ubyte.gz",
+    "test_x": "t10k-images-idx3-ubyte.gz",
+    "test_y": "t10k-labels-idx1-ubyte.gz",
+}
+# md5 of the upstream .gz files (the Debian package re-compresses them, so only downloads are checked).
+FMNIST_MD5 = {
+    "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+    "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+    "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+    "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
+}
+FMNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+FMNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                  "Ankle boot"]
+FMNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian package dataset-fashion-mnist
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Decode one (optionally gzipped) IDX file, checking its header against its size."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+        zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+        if zero != 0 or dtype_code != 0x08:
+            raise ValueError("not an unsigned-byte IDX file")
+        dims = struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim])
+        arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+        if arr.size != int(np.prod(dims)):
+            raise ValueError(f"expected {int(np.prod(dims))} values, found {arr.size}")
+        return arr.reshape(dims)
+    except (OSError, EOFError, ValueError, struct.error) as e:
+        raise DataError(f"Fashion-MNIST file {path} is corrupt or truncated ({e}); delete it and fetch it again") from e
+
+
+def _fmnist_dir(data_root: str | None, cache_dir: Path, download: bool, path: str | None = None) -> Path:
+    candidates = []
+    if path:  # an explicit folder is the only place looked at
+        candidates = [Path(os.path.expanduser(path))]
+        download = False
+    elif data_root:
+        candidates += [Path(data_root) / "fashion-mnist", Path(data_root) / "fmnist", Path(data_root)]
+    if not path:
+        candidates += [FMNIST_SYSTEM_DIR, cache_dir / "downloads" / "fashion-mnist"]
+    for d in candidates:
+        if all((d / f).exists() or (d / f[:-3]).exists() for f in FMNIST_FILES.values()):
+            return d
+    if download:
+        return download_fmnist(cache_dir / "downloads" / "fashion-mnist")
+    raise DataError(
+        "Fashion-MNIST was not found (looked in: " + ", ".join(str(c) for c in candidates) + "). Install it with "
+        "`apt-get install dataset-fashion-mnist` (Debian/Ubuntu; the setup script does this), put the four IDX "
+        "files in one of those folders (data_root=PATH or dataset.path=PATH), or allow the official download with dataset.download=true."
+    )
+
+
+def download_fmnist(dest: Path, base_url: str = FMNIST_URL) -> Path:
+    """Download the four upstream files with md5 verification (never called by tests against the network)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for fname, md5 in FMNIST_MD5.items():
+        target = dest / fname
+        if target.exists():
+            continue
+        tmp = dest / (fname + ".part")
+        try:
+            with urllib.request.urlopen(base_url + fname, timeout=60) as r, open(tmp, "wb") as f:
+                shutil.copyfileobj(r, f)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise DataError(f"downloading {base_url + fname} failed ({e}); install dataset-fashion-mnist instead") from e
+        got = hashlib.md5(tmp.read_bytes()).hexdigest()
+        if got != md5:
+            tmp.unlink(missing_ok=True)
+            raise DataError(f"checksum mismatch for {fname}: md5 {got}, expected {md5}; the download is corrupt")
+        os.replace(tmp, target)
+    return dest
+
+
+def load_fmnist(cfg: dict, data_root: str | None, cache_dir: Path) -> SourceArrays:
+    d = _fmnist_dir(data_root, cache_dir, bool(cfg.get("download", False)), cfg.get("path"))
+    files = {k: (d / f if (d / f).exists() else d / f[:-3]) for k, f in FMNIST_FILES.items()}
+
+    def decode() -> dict:
+        arrays = {k: read_idx(p) for k, p in files.items()}
+        for k in ("train_x", "test_x"):
+            arrays[k] = arrays[k][..., None]  # N,28,28 -> N,28,28,1
+        for k in ("train_y", "test_y"):
+            arrays[k] = arrays[k].astype(np.int64)
+        if len(arrays["train_x"]) != len(arrays["train_y"]) or len(arrays["test_x"]) != len(arrays["test_y"]):
+            raise DataError(f"Fashion-MNIST files in {d} disagree on the number of images and labels")
+        arrays["classes"] = FMNIST_CLASSES
+        return arrays
+
+    key = "fmnist-" + sha256_files(list(files.values()))[:16]
+    arrays, where = cached_arrays(cache_dir / "sources", key, decode)
+    return SourceArrays(
+        name="fmnist", classes=arrays["classes"], train_x=arrays["train_x"], train_y=arrays["train_y"],
+        test_x=arrays["test_x"], test_y=arrays["test_y"], mean=(0.2860,), std=(0.3530,), cache_dir=str(where),
+        meta={"files": {k: str(v) for k, v in files.items()}},
+    )
+
+
+SOURCES: dict[str, Callable[[dict, str | None, Path], SourceArrays]] = {
+    "fmnist": load_fmnist,
+}
+
+
+def load_source(cfg: dict, data_root: str | None, cache_dir: str | Path) -> SourceArrays:
+    """Load the source named by ``cfg['source']``; normalisation statistics come from the config when given."""
+    name = cfg["source"]
+    if name not in SOURCES:
+        raise DataError(f"unknown dataset source {name!r}; allowed: {', '.join(sorted(SOURCES))}")
+    src = SOURCES[name](cfg, data_root, Path(os.path.expanduser(str(cache_dir))))
+    if cfg.get("mean") is not None:
+        src.mean = tuple(float(v) for v in cfg["mean"])
+    if cfg.get("std") is not None:
+        src.std = tuple(float(v) for v in cfg["std"])
+    return src
+
+
+def open_cached_source(cache_path: str, name: str, mean, std) -> SourceArrays:
+    """Re-open an already decoded source from its cache folder (what client actors do: no search, no hashing)."""
+    p = Path(cache_path)
+    arrays = {n: np.load(p / f"{n}.npy", mmap_mode="r") for n in ARRAY_NAMES}
+    meta = json.loads((p / "meta.json").read_text())
+    return SourceArrays(name=name, classes=meta["classes"], mean=tuple(mean), std=tuple(std), cache_dir=str(p),
+                        **arrays)

@@ -1,0 +1,38 @@
+"""Run a predictor over a test set and reduce it to per-class counts (what clients send to the server)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+Predictor = Callable[[torch.Tensor], torch.Tensor]  # images -> logits
+
+
+@torch.no_grad()
+def predict_logits(predictor: Predictor, x: torch.Tensor, batch_size: int = 512, device: str = "cpu") -> torch.Tensor:
+    outs = [predictor(x[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)]
+    return torch.cat(outs) if outs else torch.zeros(0)
+
+
+def absent_class_mask(test_counts: torch.Tensor) -> torch.Tensor:
+    """True for classes absent from a client's local test distribution (FedLoGe's ``p_mode=1`` masking)."""
+    return test_counts == 0
+
+
+def apply_mask(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    out = logits.clone()
+    out[:, mask] = float("-inf")
+    return out
+
+
+def class_counts(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, list[int]]:
+    """Per-class correct, total and predicted counts: enough for accuracy, per-class and balanced accuracy,
+    precision/recall/F1 and G-mean without shipping predictions."""
+    pred = logits.argmax(1)
+    correct = torch.bincount(labels[pred == labels], minlength=num_classes)
+    return {
+        "correct": correct.tolist(),
+        "total": torch.bincount(labels, minlength=num_classes).tolist(),
+        "predicted": torch.bincount(pred, minlength=num_classes).tolist(),
+    }

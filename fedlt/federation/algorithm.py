@@ -1,0 +1,99 @@
+"""The two halves of an algorithm and the hooks they override.
+
+An algorithm (one file in ``strategies/``) is a pair:
+
+* a **client side**, a subclass of :class:`ClientAlgorithm`: plain Python and torch, no Flower, no Ray.
+  It trains the model it is handed (``train``) and says how the client predicts (``predictors``).
+  Class attributes declare which model state is personal (kept per client, never uploaded) and which is
+  frozen (built once by the server, sent once, never trained or uploaded).
+* a **server side**, a subclass of :class:`fedlt.federation.strategy.FedLTStrategy` (itself a subclass of
+  Flower's message-based ``FedAvg``): it says what is sent (``train_config``, ``frozen_arrays``), how replies
+  are aggregated (Flower's ``aggregate_train``, or a server optimizer such as ``FedAdam``), and how the
+  global model predicts (``generic_predictors``).
+
+Everything else -- sampling, seeding, messaging, evaluation, logging, checkpoints, Ray -- belongs to
+``fedlt.federation`` and is identical for every algorithm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from fedlt.data.federated import ClientData
+from fedlt.train.local import run_local_epochs, sgd, supervised_step
+from fedlt.train.losses import build_loss
+
+Predictor = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class ClientContext:
+    """What the client side sees for one train or evaluate call.
+
+    ``model`` already holds: the initial weights, then the frozen arrays, then the global arrays, then this
+    client's personal model state. ``state`` is the client's other persistent tensors (e.g. Ditto's personal
+    model), saved back after the call. ``generator`` is derived from (seed, round, client id)."""
+
+    model: nn.Module
+    data: ClientData
+    cfg: dict  # the whole validated run config (read-only)
+    round: int
+    generator: torch.Generator
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
+    device: str = "cpu"
+
+    @property
+    def strategy(self) -> dict:
+        return self.cfg["strategy"]
+
+
+class ClientAlgorithm:
+    """Client side of FedAvg; subclass it and override what differs.
+
+    Hooks:
+      * ``build_model(base, cfg)`` -- wrap the configured backbone+head model (add heads, freeze parts).
+      * ``train(ctx) -> metrics`` -- the local update; mutate ``ctx.model`` / ``ctx.state`` in place.
+      * ``predictors(ctx) -> {name: fn}`` -- the personalized model(s); the first is the primary one.
+      * ``personal_prefixes`` / ``frozen_prefixes`` -- model state keys (by prefix) that stay on the client /
+        come from the server once.
+    """
+
+    personal_prefixes: tuple[str, ...] = ()
+    frozen_prefixes: tuple[str, ...] = ()
+    @classmethod
+    def personalization_stage(cls, cfg: dict) -> str:
+        """Recorded in results.json: "before" when ``predictors`` evaluate the received global model as is,
+        "after" when they apply a personalization step first (fine-tuning, personal heads)."""
+        return "before"
+
+    @staticmethod
+    def build_model(base: nn.Module, cfg: dict) -> nn.Module:
+        return base
+
+    def __init__(self, cfg: dict):
+        self.cfg = cfg
+
+    # ---------------------------------------------------------------------------------------- training
+    def loss_fn(self, ctx: ClientContext):
+        """The client loss selected with ``loss=NAME`` (built on this client's class counts)."""
+        return build_loss(ctx.cfg.get("loss"), counts=ctx.data.train_counts.float())
+
+    def local_epochs(self, ctx: ClientContext, model: nn.Module, params, extra=None, epochs=None) -> dict:
+        """Plain supervised local SGD on ``params`` of ``model`` with the run's optimizer settings."""
+        opt = sgd(params, ctx.cfg["optimizer"])
+        step = supervised_step(model, opt, self.loss_fn(ctx), extra)
+        return run_local_epochs(ctx.data, int(ctx.cfg["local_epochs"] if epochs is None else epochs),
+                                int(ctx.cfg["batch_size"]), ctx.generator, step, ctx.device)
+
+    def train(self, ctx: ClientContext) -> dict[str, float]:
+        ctx.model.train()
+        return self.local_epochs(ctx, ctx.model, [p for p in ctx.model.parameters() if p.requires_grad])
+
+    # -------------------------------------------------------------------------------------- evaluation
+    def predictors(self, ctx: ClientContext) -> dict[str, Predictor]:
+        ctx.model.eval()
+        return {"model": ctx.model}

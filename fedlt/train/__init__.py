@@ -1,0 +1,1 @@
+"""Local training: the one SGD loop (local.py) and the client losses (losses.py)."""

@@ -1,0 +1,61 @@
+"""The local SGD loop every strategy uses: shuffled mini-batches from the client's cached arrays, batched
+augmentation in torch, one explicit generator, and a ``step`` callback that holds the algorithm's own
+update (loss, proximal terms, extra heads)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+
+from fedlt.data.augment import random_crop_flip
+from fedlt.data.federated import ClientData
+
+
+def batches(data: ClientData, batch_size: int, epochs: int, generator: torch.Generator,
+            augment: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (x, y) for ``epochs`` shuffled passes. A trailing batch of one image is dropped: BatchNorm cannot
+    train on it (the official DataLoader would crash there)."""
+    n = data.num_train
+    plan = data.plan
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=generator)
+        for start in range(0, n, batch_size):
+            idx = perm[start : start + batch_size]
+            if idx.numel() < 2 and n > 1:
+                continue
+            x = data.normalise(data.train_x[idx])
+            if augment and (plan.augment_padding > 0 or plan.augment_hflip):
+                x = random_crop_flip(x, plan.augment_padding, plan.augment_hflip, generator)
+            yield x, data.train_y[idx]
+
+
+def sgd(params, cfg: dict) -> torch.optim.SGD:
+    return torch.optim.SGD(params, lr=float(cfg["lr"]), momentum=float(cfg.get("momentum", 0.0)),
+                           weight_decay=float(cfg.get("weight_decay", 0.0)))
+
+
+def run_local_epochs(data: ClientData, epochs: int, batch_size: int, generator: torch.Generator,
+                     step: Callable[[torch.Tensor, torch.Tensor], float], device: str = "cpu") -> dict[str, float]:
+    """Call ``step(x, y) -> loss`` on every batch; return mean loss and step count."""
+    total, steps = 0.0, 0
+    for x, y in batches(data, batch_size, epochs, generator):
+        total += float(step(x.to(device, non_blocking=True), y.to(device, non_blocking=True)))
+        steps += 1
+    return {"train/loss": total / max(steps, 1), "train/steps": float(steps)}
+
+
+def supervised_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn,
+                    extra: Callable[[], torch.Tensor] | None = None) -> Callable[[torch.Tensor, torch.Tensor], float]:
+    """A plain step: loss_fn(model(x), y) (+ ``extra()``, e.g. a proximal term), backward, optimizer step."""
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> float:
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), y)
+        if extra is not None:
+            loss = loss + extra()
+        loss.backward()
+        optimizer.step()
+        return loss.detach().item()
+
+    return step

@@ -1,0 +1,31 @@
+"""FedProx (Li et al., 2020): FedAvg plus the textbook proximal term mu/2 * ||w - w_global||^2 on every local
+step (the official FedLoGe baselines use the unsquared norm; this is the paper's form)."""
+
+from __future__ import annotations
+
+import torch
+
+from fedlt.config import check_float
+from strategies.fedavg import FedAvgClient
+from strategies.fedavg import Server as FedAvgServer
+
+
+class FedProxClient(FedAvgClient):
+    def train(self, ctx) -> dict[str, float]:
+        mu = float(ctx.strategy["mu"])
+        params = [p for p in ctx.model.parameters() if p.requires_grad]
+        anchor = [p.detach().clone() for p in params]
+
+        def proximal() -> torch.Tensor:
+            return 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
+
+        ctx.model.train()
+        return self.local_epochs(ctx, ctx.model, params, extra=proximal if mu > 0 else None)
+
+
+class Server(FedAvgServer):
+    client_cls = FedProxClient
+
+    @staticmethod
+    def validate_config(cfg: dict) -> None:
+        check_float(cfg, "strategy.mu", 0.0)

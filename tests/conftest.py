@@ -1,0 +1,37 @@
+"""Shared test helpers: run the real `fedlt` console script in a subprocess (as a user would)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FEDLT = str(Path(sys.executable).with_name("fedlt"))
+FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+SHARED_DATA = Path(os.environ.get("FEDLT_DATA_ROOT") or ROOT.parent / "shared" / "data")
+
+
+def fmnist_available() -> bool:
+    return (FMNIST_DIR / "train-images-idx3-ubyte.gz").exists() or bool(os.environ.get("FEDLT_DATA_ROOT"))
+
+
+needs_fmnist = pytest.mark.skipif(not fmnist_available(),
+                                  reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+
+
+def run_fedlt(*overrides: str, run_dir: Path | None = None, timeout: float = 300, env: dict | None = None,
+              cmd: str = FEDLT) -> subprocess.CompletedProcess:
+    args = [cmd, *overrides]
+    if run_dir is not None:
+        args.append(f"hydra.run.dir={run_dir}")
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=ROOT)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,68 @@
+"""The `fedlt` console script as a user runs it: the smoke experiment end to end through Flower + Ray on real
+Fashion-MNIST, and bad input refused before anything expensive starts."""
+
+import json
+import time
+
+import pytest
+
+from tests.conftest import needs_fmnist, read_jsonl, run_fedlt
+
+REQUIRED = ("round", "generic/accuracy", "personalized/accuracy", "train/loss", "time/round_s")
+
+
+@pytest.mark.e2e
+@needs_fmnist
+def test_smoke_experiment_end_to_end(tmp_path):
+    run_dir = tmp_path / "run"
+    t0 = time.monotonic()
+    res = run_fedlt("experiment=smoke", run_dir=run_dir)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert time.monotonic() - t0 < 120
+    assert res.stdout.strip().splitlines()[-1] == f"run_dir: {run_dir.resolve()}"
+    assert "Traceback" not in res.stderr
+    for name in ("config.yaml", "metrics.jsonl", "results.json", "partition.json"):
+        assert (run_dir / name).is_file(), name
+    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    assert [r["round"] for r in rows] == [2, 3]  # eval.every=2 in the smoke preset, plus the last round
+    for r in rows:
+        assert all(k in r for k in REQUIRED)
+    results = json.loads((run_dir / "results.json").read_text())
+    assert all(k in results for k in REQUIRED)
+    assert results["generic/accuracy"] > 0.2 and results["personalized/accuracy"] > 0.2  # chance is 0.1
+    assert results["personalized/stage"] == "before"
+    # TensorBoard carries the same scalars
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"generic/accuracy", "personalized/accuracy", "train/loss", "time/round_s"} <= tags
+    part = json.loads((run_dir / "partition.json").read_text())
+    assert sum(part["client_train_sizes"]) == part["train_size"]
+
+
+BAD = [
+    (["partition.alpha=0"], "partition.alpha=0"),
+    (["partition.alpha=-1"], "partition.alpha=-1"),
+    (["dataset.imbalance_factor=0.5"], "dataset.imbalance_factor=0.5"),
+    (["strategy=nope"], "nope"),
+    (["num_clients=100000"], "num_clients=100000"),
+    (["dataset.path=/nonexistent/fmnist"], "/nonexistent/fmnist"),
+    (["num_rounds=0"], "num_rounds=0"),
+    (["participation=1.5"], "participation=1.5"),
+    (["optimizer.lr=abc"], "optimizer.lr='abc'"),
+]
+
+
+@pytest.mark.parametrize("overrides,named", BAD, ids=[b[0][0] for b in BAD])
+def test_bad_input_is_refused_cleanly(tmp_path, overrides, named):
+    run_dir = tmp_path / "run"
+    t0 = time.monotonic()
+    res = run_fedlt(*overrides, run_dir=run_dir, timeout=120)
+    assert res.returncode != 0
+    assert "Traceback" not in res.stderr + res.stdout
+    assert named in res.stderr
+    assert time.monotonic() - t0 < 60  # refused before Ray starts
+    assert not (run_dir / "metrics.jsonl").exists() and not (run_dir / "config.yaml").exists()
