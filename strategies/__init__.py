@@ -1,13 +1,17 @@
 """Algorithms, one file each. A file defines a client side (``fedlt.federation.algorithm.ClientAlgorithm``
 subclass) and a server side (``fedlt.federation.strategy.FedLTStrategy`` subclass, i.e. a Flower strategy)
 and exposes the server class as ``Server``; ``Server.client_cls`` is its client side. No algorithm imports Ray
-or knows how it is run."""
+or knows how it is run. A new file here is picked up automatically as ``strategy=<file name>`` (add its
+``configs/strategy/<name>.yaml`` too)."""
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
+from pathlib import Path
 
-STRATEGIES = ("fedavg", "fedprox")
+STRATEGIES = tuple(sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)])
+                          if not m.name.startswith("_")))
 
 
 def get_strategy(name: str):
