@@ -19,9 +19,9 @@ if [ ! -f "$stamp" ]; then
   # unpinned torch pulled in by a dependency would download a multi-GB CUDA build. Elsewhere pip takes it from
   # PyPI; a torch you installed yourself (any >= 2.2, e.g. a CUDA build) is kept.
   if ! "$PY" -c "import torch" 2>/dev/null; then
-    "$PY" -m pip install --disable-pip-version-check "${FEDLT_TORCH_SPEC:-torch==2.13.0}" 1>&2
+    "$PY" -m pip install -q --disable-pip-version-check "${FEDLT_TORCH_SPEC:-torch==2.13.0}" 1>&2
   fi
-  "$PY" -m pip install --disable-pip-version-check -e ".[test]" 1>&2
+  "$PY" -m pip install -q --disable-pip-version-check -e ".[test]" 1>&2
   touch "$stamp"
 fi
 
