@@ -34,3 +34,15 @@ def shot_groups(train_counts, rule: str) -> dict[str, list[int]]:
     else:
         raise ValueError(f"unknown shot rule {rule!r}; allowed: {', '.join(SHOT_RULES)}")
     return {g: sorted(int(c) for c in p) for g, p in zip(GROUPS, parts, strict=True)}
+
+
+def local_shot_groups(train_counts, rule: str) -> dict[str, list[int]]:
+    """A client's own groups (PM shot accuracy, fedloge-protocol.md §5.5): the rule applied to the classes the
+    client holds (training count > 0). Classes it does not hold have no local test samples either; leaving them
+    out matters only for ``fraction_50_30_20``, whose fractions are of the client's classes, not of all K."""
+    counts = np.asarray(train_counts, dtype=np.float64)
+    held = np.flatnonzero(counts > 0)
+    if held.size == 0:
+        return {g: [] for g in GROUPS}
+    sub = shot_groups(counts[held], rule)
+    return {g: sorted(int(held[i]) for i in idx) for g, idx in sub.items()}
