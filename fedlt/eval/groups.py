@@ -15,7 +15,8 @@ def shot_groups(train_counts, rule: str) -> dict[str, list[int]]:
     * ``cumulative_75_95`` (official FedLoGe ``shot_split``): sort classes by count (descending); head = the
       classes up to and including the one where the cumulative share reaches 75 %, mid = up to 95 %, tail = rest.
     * ``count_100_20`` (OLTR / ImageNet-LT): many > 100, medium 20-100, few < 20 training images.
-    * ``fraction_50_30_20`` (FedLTLib): the first 50 % of classes by count are head, the next 30 % mid, the rest tail.
+    * ``fraction_50_30_20`` (FedLTLib): the first 50 % of classes by count are head, the next 30 % mid, the rest tail
+      (class numbers rounded half up, so a single-class client's class is head).
     """
     counts = np.asarray(train_counts, dtype=np.float64)
     k = len(counts)
@@ -29,7 +30,7 @@ def shot_groups(train_counts, rule: str) -> dict[str, list[int]]:
         idx = np.arange(k)
         parts = (idx[counts > 100], idx[(counts <= 100) & (counts >= 20)], idx[counts < 20])
     elif rule == "fraction_50_30_20":
-        h, m = int(round(0.5 * k)), int(round(0.8 * k))
+        h, m = int(np.floor(0.5 * k + 0.5)), int(np.floor(0.8 * k + 0.5))  # half up: 1 class -> head
         parts = (order[:h], order[h:m], order[m:])
     else:
         raise ValueError(f"unknown shot rule {rule!r}; allowed: {', '.join(SHOT_RULES)}")

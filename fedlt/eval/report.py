@@ -124,16 +124,15 @@ def expand_runs(paths: list[str]) -> list[Path]:
 
 
 def unique_labels(paths: list[Path]) -> list[str]:
-    labels = [p.name for p in paths]
-    for i, p in enumerate(paths):
-        if labels.count(p.name) > 1:
-            labels[i] = f"{p.parent.name}/{p.name}"
+    """Folder names; the parent's name is prefixed where names clash, then #1, #2, ... if they still do."""
+    names = [p.name for p in paths]
+    labels = [f"{p.parent.name}/{p.name}" if names.count(p.name) > 1 else p.name for p in paths]
     seen: dict[str, int] = {}
-    for i, lab in enumerate(labels):
+    out = []
+    for lab in labels:
         seen[lab] = seen.get(lab, 0) + 1
-        if labels.count(lab) > 1:
-            labels[i] = f"{lab}#{seen[lab]}"
-    return labels
+        out.append(f"{lab}#{seen[lab]}" if labels.count(lab) > 1 else lab)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------- tables
