@@ -175,3 +175,20 @@ def test_client_spread_by_hand():
     assert s["accuracy_p10"] == pytest.approx(np.percentile([0.5, 1.0, 0.9], 10))
     assert mean_defined([None, 0.2, float("nan"), 0.4]) == pytest.approx(0.3)
     assert math.isnan(mean_defined([None]))
+
+
+def test_auroc_auprc_equal_sklearn_per_class_with_ties_and_absent_classes():
+    rng = np.random.default_rng(4)
+    for trial in range(18):
+        k, n = int(rng.integers(2, 7)), int(rng.integers(5, 80))
+        y = rng.integers(0, k - (trial % 2), n)  # every other trial: the last class absent
+        probs = softmax(rng.normal(size=(n, k)) + np.eye(k)[y])
+        if trial % 3 == 0:
+            probs = np.round(probs, 1)  # many tied scores
+        auroc, auprc = ovr_auroc_auprc(probs, y)
+        valid = [c for c in range(k) if 0 < (y == c).sum() < n]
+        if not valid:
+            assert math.isnan(auroc)
+            continue
+        assert auroc == pytest.approx(np.mean([roc_auc_score(y == c, probs[:, c]) for c in valid]))
+        assert auprc == pytest.approx(np.mean([average_precision_score(y == c, probs[:, c]) for c in valid]))
