@@ -13,8 +13,9 @@ REPORT = str(Path(sys.executable).with_name("fedlt-report"))
 
 def fake_run(path: Path, rounds: list[int], num_rounds: int = 4, half_line: bool = False) -> Path:
     path.mkdir(parents=True)
-    (path / "config.yaml").write_text(f"num_rounds: {num_rounds}\nnum_clients: 2\nseed: 1\nstrategy:\n  name: fedavg\n"
-                                      "dataset:\n  name: toy\n  imbalance_factor: 10\neval:\n  mask_absent_classes: true\n")
+    (path / "config.yaml").write_text(
+        f"num_rounds: {num_rounds}\nnum_clients: 2\nseed: 1\nstrategy:\n  name: fedavg\n"
+        "dataset:\n  name: toy\n  imbalance_factor: 10\neval:\n  mask_absent_classes: true\n")
     (path / "partition.json").write_text(json.dumps({"global_class_counts": [30, 10, 3],
                                                       "client_class_counts": [[20, 0, 1], [10, 10, 2]]}))
     lines = [json.dumps({"round": r, "generic/accuracy": 0.1 * r, "personalized/accuracy": 0.2 * r,
