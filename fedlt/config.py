@@ -84,6 +84,12 @@ def validate(cfg: dict) -> dict:
     check_int(cfg, "eval.batch_size", 1)
     check_bool(cfg, "eval.mask_absent_classes")
     check_choice(cfg, "eval.local_test", ("proportional",))
+    if "test_agnostic" in cfg["eval"]:
+        check_bool(cfg, "eval.test_agnostic.enabled")
+        ifs = _get(cfg, "eval.test_agnostic.imbalance_factors")
+        if not isinstance(ifs, list) or not all(isinstance(f, numbers.Real) and not isinstance(f, bool) and f >= 1
+                                                for f in ifs):
+            _fail("eval.test_agnostic.imbalance_factors", ifs, "expected a list of numbers >= 1, e.g. [10, 50]")
     check_choice(cfg, "dataset.source", sorted(SOURCES))
     check_float(cfg, "dataset.imbalance_factor", 1.0)
     check_choice(cfg, "dataset.profile", PROFILES)

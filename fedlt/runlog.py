@@ -1,5 +1,6 @@
-"""What a run writes: ``metrics.jsonl`` (one object per evaluated round), ``results.json`` (final summary),
-TensorBoard event files under ``tb/``, and a progress display on stderr."""
+"""What a run writes: ``metrics.jsonl`` (one object per evaluated round), ``eval_detail.json`` (the last evaluated
+round's per-class / per-client values), ``results.json`` (final summary), TensorBoard event files under ``tb/``
+(scalars, per-client histograms, hparams, end-of-run figures), and a progress display on stderr."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from fedlt.eval import tb_extras
 
 
 def _clean(v):
@@ -44,6 +47,8 @@ class RunLogger:
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=start_round + 1 if start_round else None)
         self.rows: list[dict] = []
+        self.detail: dict = {}
+        self._hparams_written = False
         self.num_rounds = num_rounds
         self.t0 = time.monotonic()
         self._console = Console(stderr=True)
@@ -66,14 +71,22 @@ class RunLogger:
         if self._progress is not None:
             self._progress.update(self._task, completed=rnd)
 
-    def eval_round(self, row: dict) -> None:
-        """An evaluated round: one line in metrics.jsonl, scalars to TensorBoard, progress updated."""
+    def eval_round(self, row: dict, detail: dict | None = None) -> None:
+        """An evaluated round: one line in metrics.jsonl, scalars (and per-client histograms) to TensorBoard,
+        the round's per-class / per-client detail to eval_detail.json (so interrupted runs can be reported),
+        progress updated."""
         row = _clean(row)
         self.rows.append(row)
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        if detail is not None:
+            self.detail = _clean(detail)
+            write_json_atomic(self.run_dir / "eval_detail.json", self.detail)
+            tb_extras.histograms(self.tb, int(row["round"]), self.detail)
+        if not self._hparams_written:
+            self._hparams_written = tb_extras.write_hparams(self.tb, self.run_dir)
         self.scalars(int(row["round"]), {k: v for k, v in row.items() if k != "round"})
         self.tb.flush()
         g, p = row.get("generic/accuracy"), row.get("personalized/accuracy")
@@ -88,4 +101,6 @@ class RunLogger:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
+        if self.rows:
+            tb_extras.figures(self.tb, self.run_dir, self.rows, self.detail)
         self.tb.close()

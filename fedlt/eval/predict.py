@@ -36,3 +36,16 @@ def class_counts(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -
         "total": torch.bincount(labels, minlength=num_classes).tolist(),
         "predicted": torch.bincount(pred, minlength=num_classes).tolist(),
     }
+
+
+def local_eval_record(logits: torch.Tensor, labels: torch.Tensor, num_classes: int, prefix: str) -> dict:
+    """What a client sends for one predictor and one masking variant: per-class correct / predicted counts
+    (the server derives every count metric from them and the shared ``total``) and the score metrics, which
+    need the predictions and are therefore computed here, by the same code the server uses."""
+    from fedlt.eval.metrics import score_metrics
+
+    counts = class_counts(logits, labels, num_classes)
+    record = {f"{prefix}/correct": counts["correct"], f"{prefix}/predicted": counts["predicted"]}
+    scores = score_metrics(logits.numpy(), labels.numpy(), num_classes)
+    record.update({f"{prefix}/{k}": float(v) for k, v in scores.items()})
+    return record

@@ -18,7 +18,7 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedlt.data.federated import DataPlan, client_data
-from fedlt.eval.predict import absent_class_mask, apply_mask, class_counts, predict_logits
+from fedlt.eval.predict import absent_class_mask, apply_mask, local_eval_record, predict_logits
 from fedlt.federation.algorithm import ClientAlgorithm, ClientContext
 from fedlt.federation.strategy import has_prefix
 from fedlt.seeding import EVAL, INIT, TRAIN, derive_seed, torch_generator
@@ -142,13 +142,11 @@ def make_client_app(cfg: dict, plan: DataPlan) -> ClientApp:
         k = rt.plan.num_classes
         mask = absent_class_mask(data.test_counts)
         record: dict = {"num-examples": int(data.test_y.numel()), "client-id": data.client_id,
-                        "total": data.test_counts.tolist()}
+                        "total": data.test_counts.tolist(), "train-total": data.train_counts.tolist()}
         for name, fn in rt.algorithm.predictors(ctx).items():
             logits = predict_logits(fn, data.test_x, int(cfg["eval"]["batch_size"]), rt.device)
             for variant, lg in (("unmasked", logits), ("masked", apply_mask(logits, mask))):
-                counts = class_counts(lg, data.test_y, k)
-                record[f"{name}/{variant}/correct"] = counts["correct"]
-                record[f"{name}/{variant}/predicted"] = counts["predicted"]
+                record.update(local_eval_record(lg, data.test_y, k, f"{name}/{variant}"))
         return Message(RecordDict({"metrics": MetricRecord(record)}), reply_to=msg)
 
     return app

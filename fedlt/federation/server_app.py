@@ -12,6 +12,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedlt.data.federated import DataPlan, global_test
+from fedlt.eval.generic import GenericEvaluation
 from fedlt.federation.client_app import configure_torch
 from fedlt.federation.model import build_run_model
 from fedlt.federation.strategy import FedLTStrategy
@@ -47,6 +48,7 @@ def run_rounds(strategy: FedLTStrategy, grid: Grid, cfg: dict, plan: DataPlan, l
     model = build_run_model(cfg, plan, strategy.client_cls)
     arrays = strategy.initial_arrays(model)
     test_x, test_y = global_test(plan)
+    generic_eval = GenericEvaluation.for_run(cfg, plan, test_y)
     strategy.discover_clients(grid, timeout)
     min_clients = int(cfg["backend"].get("min_clients_per_round", 1))
     t_run = time.monotonic()
@@ -79,7 +81,7 @@ def run_rounds(strategy: FedLTStrategy, grid: Grid, cfg: dict, plan: DataPlan, l
             if strategy.frozen:
                 model.load_state_dict(strategy.frozen, strict=False)
             gen, gen_detail = strategy.generic_metrics(model, test_x, test_y, plan.num_classes,
-                                                       int(cfg["eval"]["batch_size"]))
+                                                       int(cfg["eval"]["batch_size"]), generic_eval)
             row.update(gen)
             ev = list(grid.send_and_receive(strategy.configure_evaluate(rnd, arrays, ConfigRecord(), grid),
                                             timeout=timeout))
@@ -95,7 +97,7 @@ def run_rounds(strategy: FedLTStrategy, grid: Grid, cfg: dict, plan: DataPlan, l
             row["time/round_s"] = time.monotonic() - t0
             row["time/elapsed_s"] = time.monotonic() - t_run
             outcome.detail = {"generic": gen_detail, "personalized": pers_detail, "round": rnd}
-            logger.eval_round(row)
+            logger.eval_round(row, outcome.detail)
             outcome.rows.append(row)
     outcome.final_arrays = arrays
     outcome.finished = True

@@ -20,8 +20,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedlt.eval.metrics import client_spread, count_metrics, per_class_accuracy
-from fedlt.eval.predict import class_counts, predict_logits
+from fedlt.eval.generic import GenericEvaluation
+from fedlt.eval.personalized import personalized_metrics
+from fedlt.eval.predict import predict_logits
 from fedlt.federation.algorithm import ClientAlgorithm, Predictor
 from fedlt.seeding import SAMPLE, numpy_rng
 
@@ -177,57 +178,23 @@ class FedLTStrategy(FedAvg):
 
     # ---------------------------------------------------------------------------------- evaluation
     def personalized_metrics(self, replies: list[Message], mask_default: bool) -> tuple[dict, dict]:
-        """Per-client counts -> personalized metrics (mean over ALL responding clients, unweighted, plus
-        spread), for every predictor, masked and unmasked. Returns (scalars, per-client detail)."""
-        per_pred: dict[str, dict[str, list]] = {}
-        weights, client_ids = [], []
-        for r in sorted(replies, key=self.client_of):
-            m = next(iter(r.content.metric_records.values()))
-            client_ids.append(int(m["client-id"]))
-            weights.append(float(m["num-examples"]))
-            total = m["total"]
-            for key in m:
-                if key.endswith("/correct"):
-                    name = key[: -len("/correct")]
-                    per_pred.setdefault(name, {"acc": [], "bal": []})
-                    cm = count_metrics(m[key], total)
-                    per_pred[name]["acc"].append(cm["accuracy"])
-                    per_pred[name]["bal"].append(cm["balanced_accuracy"])
-        scalars, detail = {}, {"client_ids": client_ids, "num_examples": weights}
-        if not per_pred:
-            return scalars, detail
-        names = list(per_pred)
-        predictors = [n.rsplit("/", 1)[0] for n in names if n.endswith("/unmasked")]
-        primary = predictors[0]
-        for name, vals in per_pred.items():
-            pred, variant = name.rsplit("/", 1)
-            spread = client_spread(vals["acc"], weights)
-            spread["balanced_accuracy"] = float(np.nanmean(vals["bal"]))
-            detail[f"{pred}/{variant}/per_client_accuracy"] = vals["acc"]
-            if len(predictors) > 1:
-                scalars.update({f"personalized/{pred}/{variant}/{k}": v for k, v in spread.items()})
-            if pred == primary:
-                scalars.update({f"personalized/{variant}/{k}": v for k, v in spread.items()})
-                if (variant == "masked") == mask_default:
-                    scalars.update({f"personalized/{k}": v for k, v in spread.items()})
-        return scalars, detail
+        """Per-client records -> personalized metrics for every predictor, masked and unmasked (mean over ALL
+        responding clients, unweighted, plus spread; see fedlt.eval.personalized). Returns (scalars, detail)."""
+        records = [dict(next(iter(r.content.metric_records.values()))) for r in replies]
+        return personalized_metrics(records, mask_default)
 
     def generic_metrics(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int,
-                        batch_size: int) -> tuple[dict, dict]:
-        """Every generic predictor on the balanced test set."""
+                        batch_size: int, evaluation: GenericEvaluation | None = None) -> tuple[dict, dict]:
+        """Every generic predictor on the balanced test set (see fedlt.eval.generic)."""
+        evaluation = evaluation or GenericEvaluation(y, num_classes)
         predictors = self.generic_predictors(model)
-        scalars, detail = {}, {}
-        for i, (name, fn) in enumerate(predictors.items()):
-            with torch.no_grad():
-                logits = predict_logits(fn, x, batch_size)
-            counts = class_counts(logits, y, num_classes)
-            m = count_metrics(counts["correct"], counts["total"])
-            detail[f"{name}/per_class_accuracy"] = per_class_accuracy(counts["correct"], counts["total"])
-            if len(predictors) > 1:
-                scalars.update({f"generic/{name}/{k}": v for k, v in m.items()})
-            if i == 0:
-                scalars.update({f"generic/{k}": v for k, v in m.items()})
-        return scalars, detail
+
+        def logits():
+            for name, fn in predictors.items():
+                with torch.no_grad():
+                    yield name, predict_logits(fn, x, batch_size)
+
+        return evaluation.evaluate(logits(), several=len(predictors) > 1)
 
 
 def finite(x: float) -> bool:
