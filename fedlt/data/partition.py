@@ -79,8 +79,9 @@ def dirichlet_balanced(labels: np.ndarray, num_clients: int, alpha: float, seed:
 
     Differences from the reference code, all in cases where it crashes or hangs: groups smaller than
     ``group_size`` are allowed when ``N < group_size`` (the reference asserts); the re-draw loop is bounded by
-    ``max_redraws`` (the reference loops forever); when every non-full client's share underflows to zero the
-    class is split uniformly over the non-full clients (the reference produces NaN cuts).
+    ``max_redraws`` (the reference loops forever); when every non-full client's share underflows to zero (or
+    the tiny-alpha Dirichlet draw is NaN) the class is split uniformly over the non-full clients (the reference
+    produces NaN cuts).
     """
     alpha = _check_alpha(alpha, "dirichlet_balanced")
     if group_size < 1:
@@ -114,9 +115,11 @@ def dirichlet_balanced(labels: np.ndarray, num_clients: int, alpha: float, seed:
             tries += 1
             group = [[] for _ in range(m)]
             for idx_c in by_class:
-                p = rs.dirichlet(np.repeat(alpha, m))
+                p = rs.dirichlet(np.repeat(alpha, m))  # drawn for every class: keeps the reference's RNG stream
+                if len(idx_c) == 0:
+                    continue
                 open_ = np.array([len(b) < size / m for b in group], dtype=float)
-                p = p * open_
+                p = np.nan_to_num(p) * open_
                 p = p / p.sum() if p.sum() > 0 else open_ / open_.sum()
                 cuts = (np.cumsum(p) * len(idx_c)).astype(int)[:-1]
                 group = [b + part.tolist() for b, part in zip(group, np.split(idx_c, cuts), strict=True)]

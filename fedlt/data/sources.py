@@ -100,6 +100,7 @@ def cached_arrays(cache_root: Path, key: str, decode: Callable[[], dict]) -> tup
                 np.save(tmp / f"{n}.npy", np.ascontiguousarray(arrays[n]))
             meta = {"classes": list(arrays["classes"]), **arrays.get("meta", {}), "arrays": names}
             (tmp / "meta.json").write_text(json.dumps(meta))
+            tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared like any other
             try:
                 os.replace(tmp, target)
             except OSError:  # another process won the race; its copy is identical
