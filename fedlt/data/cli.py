@@ -91,7 +91,8 @@ def inspect_split(overrides: list[str], figure: str | None = None) -> dict:
     try:
         plain = compose_config(overrides)
     except Exception as e:  # bad override syntax, unknown group option, unresolvable interpolation
-        raise ConfigError(f"the configuration could not be composed: {str(e).strip()}") from e
+        message = str(e).split("Config search path")[0]  # Hydra appends its search path: noise for users
+        raise ConfigError(f"the configuration could not be composed: {' '.join(message.split())}") from e
     validate(plain)
     plan, split, source = prepare(plain)
     result = summary(split, source, plain)
