@@ -47,11 +47,11 @@ def test_every_dataset_and_partition_config_composes_and_validates():
     datasets = sorted(p.stem for p in (Path(CONFIG_DIR) / "dataset").glob("*.yaml"))
     partitions = sorted(p.stem for p in (Path(CONFIG_DIR) / "partition").glob("*.yaml"))
     assert {"cifar10_lt", "cifar100_lt", "fmnist_lt", "imagefolder", "synthetic_lt"} <= set(datasets)
-    for d in datasets:
+    pairs = [(d, "dirichlet") for d in datasets] + [("synthetic_lt", p) for p in partitions]
+    for d, p in pairs:
         extra = ["dataset.path=/some/where"] if d == "imagefolder" else []
-        for p in partitions:
-            cfg = validate(compose_config([f"dataset={d}", f"partition={p}", *extra]))
-            assert cfg["dataset"]["name"] == d and cfg["partition"]["name"] == p
+        cfg = validate(compose_config([f"dataset={d}", f"partition={p}", *extra]))
+        assert cfg["dataset"]["name"] == d and cfg["partition"]["name"] == p
 
 
 def test_cifar_configs_follow_the_official_protocol():

@@ -72,7 +72,7 @@ def labelled(draw):
     return labels, n_clients, draw(st.integers(0, 2**31)), draw(st.sampled_from([0.05, 0.3, 1.0, 10.0]))
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(labelled())
 def test_dirichlet_family_invariants(case):
     labels, n_clients, seed, alpha = case
