@@ -82,8 +82,10 @@ OFFICIAL = {
 }
 # Copies whose sha256 is known (../shared/data/README.md). Recorded as information, never required.
 KNOWN_SHA256 = {
-    "a841a7cf47af83a7bb5190b4f08b18a9ec146ff14ef965f07c08081f988c201e": "cifar10-jpeg.zip (JPEG-compressed, official split)",
-    "153d66ee7f9abfd9c86fc0a5f57efc7b1b24218baa67630b89171f523c2ea77f": "cifar100-png.zip (pixel-exact, official split)",
+    "a841a7cf47af83a7bb5190b4f08b18a9ec146ff14ef965f07c08081f988c201e":
+        "cifar10-jpeg.zip (JPEG-compressed, official split)",
+    "153d66ee7f9abfd9c86fc0a5f57efc7b1b24218baa67630b89171f523c2ea77f":
+        "cifar100-png.zip (pixel-exact, official split)",
 }
 PICKLE_FILES = {
     "cifar10": {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"], "meta": "batches.meta"},
@@ -346,8 +348,8 @@ def _load(kind: str, cfg: dict, data_root: str | None, cache_dir: Path) -> Sourc
             return _with_stats(kind, decode_image_copy(kind, archive))
     try:
         if expected and str(expected).lower() != digest:
-            raise DataError(f"checksum mismatch for {where}: sha256 {digest}, but dataset.sha256={expected}; the file is "
-                            f"corrupt or a different copy (remove dataset.sha256 to accept it)")
+            raise DataError(f"checksum mismatch for {where}: sha256 {digest}, but dataset.sha256={expected}; the file "
+                            f"is corrupt or a different copy (remove dataset.sha256 to accept it)")
         key = f"{kind}-{digest[:16]}-v{DECODER_VERSION}"
         arrays, cache = cached_arrays(cache_dir / "sources", key, decode)
     finally:

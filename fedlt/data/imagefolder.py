@@ -111,8 +111,8 @@ def scan(names: list[str]) -> Layout:
         layout.images.pop("all", None)
         if "test" not in layout.images:  # train/ only: treat it as unsplit data (a test split is held out)
             layout.images["all"] = layout.images.pop("train")
-    elif "test" in layout.images:  # test/ only: not usable as training data
-        layout.images = {"all": {}}
+    elif "test" in layout.images:  # test/ only: there is nothing to train on
+        layout.images = {}
     for per_class in layout.images.values():
         for members in per_class.values():
             members.sort()
@@ -136,8 +136,8 @@ def decode_images(archive: ImageArchive, members: list[str], size: tuple[int, in
                     im = im.resize((size[1], size[0]), Image.Resampling.BILINEAR)
                 arr = np.asarray(im, dtype=np.uint8)
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError, zlib.error) as e:
-            raise DataError(f"image {name} in {archive.path} cannot be decoded ({e}): the file is corrupt or truncated; "
-                            f"replace it or remove it from the data set") from e
+            raise DataError(f"image {name} in {archive.path} cannot be decoded ({e}): the file is corrupt or "
+                            f"truncated; replace it or remove it from the data set") from e
         arr = arr.reshape(arr.shape[0], arr.shape[1], channels)
         if out is None:
             out = np.empty((len(members), *arr.shape), dtype=np.uint8)
@@ -224,14 +224,15 @@ def load_imagefolder(cfg: dict, data_root: str | None, cache_dir: Path) -> Sourc
     try:
         layout = scan(archive.names)
         if not layout.images:
-            raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {path}; expected "
+            raise DataError(f"no training images ({', '.join(IMAGE_EXTENSIONS)}) found in {path}; expected "
                             f"{{train,test}}/<class>/<image> or <class>/<image>, optionally inside one root folder")
         first = "train" if layout.has_splits else "all"
         classes = sorted(layout.images.get(first, {}))
         if len(classes) < 2:
             found = f"only the class folder {classes[0]!r}" if classes else "no class folders"
-            raise DataError(f"{path} has {found} under {layout.root + (first + '/' if first != 'all' else '')}; "
-                            f"classification needs at least two classes (one sub-folder per class)")
+            where = (layout.root + (first + "/" if first != "all" else "")) or "its top level"
+            raise DataError(f"{path} has {found} under {where}; classification needs at least two classes (one "
+                            f"sub-folder per class)")
         unknown = sorted(set(layout.images.get("test", {})) - set(classes))
         if unknown:
             raise DataError(f"{path}: the test split has classes with no training images: {', '.join(unknown)}")
