@@ -107,7 +107,7 @@ def test_bad_data_files_are_clean_errors(tmp_path, capsys):
     ]
     empty = tmp_path / "empty"
     empty.mkdir()
-    checks.append(([f"dataset.path={empty}"], "no images"))
+    checks.append(([f"dataset.path={empty}"], "no training images"))
     corrupt = tmp_path / "corrupt.zip"
     corrupt.write_bytes(b"PK\x03\x04 definitely not a zip")
     checks.append(([f"dataset.path={corrupt}"], "corrupt or truncated"))

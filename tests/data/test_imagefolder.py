@@ -53,7 +53,7 @@ def test_zip_without_split_folders_holds_out_a_test_split_per_class(tmp_path):
 def test_no_images_is_a_clear_error(tmp_path):
     (tmp_path / "empty" / "train" / "a").mkdir(parents=True)
     (tmp_path / "empty" / "notes.txt").write_text("x")
-    with pytest.raises(DataError, match="no images"):
+    with pytest.raises(DataError, match="no training images"):
         load_source(icfg(tmp_path / "empty"), None, tmp_path / "cache")
 
 
