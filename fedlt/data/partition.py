@@ -103,7 +103,8 @@ def dirichlet_balanced(labels: np.ndarray, num_clients: int, alpha: float, seed:
         left -= group_size
         chunk_labels = labels[chunk]
         size = len(chunk)
-        by_class = [chunk[chunk_labels == c] for c in range(num_classes)]
+        by_class = [chunk[chunk_labels == c].tolist() for c in range(num_classes)]
+        concentration = np.repeat(alpha, m)
         smallest, tries = 0, 0
         group: list[list[int]] = [[] for _ in range(m)]
         while smallest < int(0.5 * size / m):
@@ -114,16 +115,22 @@ def dirichlet_balanced(labels: np.ndarray, num_clients: int, alpha: float, seed:
                     f"(alpha={alpha}, {m} clients, {size} samples); raise partition.alpha or lower num_clients")
             tries += 1
             group = [[] for _ in range(m)]
+            lens = np.zeros(m, dtype=np.int64)
             for idx_c in by_class:
-                p = rs.dirichlet(np.repeat(alpha, m))  # drawn for every class: keeps the reference's RNG stream
-                if len(idx_c) == 0:
+                p = rs.dirichlet(concentration)  # drawn for every class: keeps the reference's RNG stream
+                n_c = len(idx_c)
+                if n_c == 0:
                     continue
-                open_ = np.array([len(b) < size / m for b in group], dtype=float)
-                p = np.nan_to_num(p) * open_
-                p = p / p.sum() if p.sum() > 0 else open_ / open_.sum()
-                cuts = (np.cumsum(p) * len(idx_c)).astype(int)[:-1]
-                group = [b + part.tolist() for b, part in zip(group, np.split(idx_c, cuts), strict=True)]
-                smallest = min(len(b) for b in group)
+                open_ = lens < size / m
+                p = p * open_
+                total = p.sum()
+                p = p / total if total > 0 else open_ / open_.sum()  # NaN / zero shares: uniform over open clients
+                bounds = [0, *(np.cumsum(p) * n_c).astype(int)[:-1].tolist(), n_c]
+                for j in range(m):
+                    if bounds[j + 1] > bounds[j]:
+                        group[j].extend(idx_c[bounds[j]:bounds[j + 1]])
+                        lens[j] += bounds[j + 1] - bounds[j]
+            smallest = int(lens.min())
         lists += group
     flat = np.asarray([i for b in lists for i in b], dtype=np.int64)
     return [np.sort(part) for part in np.array_split(flat, num_clients)]
@@ -148,26 +155,32 @@ def dirichlet_per_client(labels: np.ndarray, num_clients: int, alpha: float, see
     pools = [rng.permutation(np.where(labels == c)[0]).tolist() for c in range(num_classes)]
     remaining = np.array([len(p) for p in pools])
 
-    def cumulative() -> np.ndarray:
-        live = (remaining > 0).astype(float)
-        rows = priors * live
-        rows[rows.sum(1) == 0] = live  # every favoured class exhausted: uniform over the classes left
-        return np.cumsum(rows, axis=1)
+    live = remaining > 0
+    cum = np.zeros((num_clients, num_classes))
+    row_version = np.full(num_clients, -1)
+    version = 0  # bumped when a class runs out: a client's cumulative priors are recomputed when next drawn
 
-    cum = cumulative()
+    def row(k: int) -> np.ndarray:
+        if row_version[k] != version:
+            r = priors[k] * live
+            cum[k] = np.cumsum(r if r.sum() > 0 else live.astype(float))  # all favoured classes gone: uniform
+            row_version[k] = version
+        return cum[k]
+
     out: list[list[int]] = [[] for _ in range(num_clients)]
     need = list(sizes)
     open_clients = [k for k in range(num_clients) if need[k] > 0]
     while open_clients:
         pos = int(rng.integers(len(open_clients)))
         k = open_clients[pos]
-        row = cum[k]
-        # exhausted classes have zero width in ``row``, so they are never drawn
-        c = min(int(np.searchsorted(row, rng.random() * row[-1], side="right")), num_classes - 1)
+        r = row(k)
+        # exhausted classes have zero width in ``r``, so they are never drawn
+        c = min(int(np.searchsorted(r, rng.random() * r[-1], side="right")), num_classes - 1)
         remaining[c] -= 1
         out[k].append(pools[c][remaining[c]])
         if remaining[c] == 0:
-            cum = cumulative()
+            live[c] = False
+            version += 1
         need[k] -= 1
         if need[k] == 0:
             open_clients[pos] = open_clients[-1]
