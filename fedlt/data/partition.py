@@ -143,8 +143,11 @@ def dirichlet_per_client(labels: np.ndarray, num_clients: int, alpha: float, see
     Client sizes are ``len(labels) / N`` (differing by at most one). Each client draws class priors
     ``q_k ~ Dir(alpha * 1_C)``; then, one sample at a time, a client that still needs data is picked uniformly
     and draws a class from ``q_k``; an exhausted class gets probability zero for everyone (priors renormalised,
-    as in flwr-datasets; FedLab re-draws forever). If every class a client still favours is exhausted, it draws
-    uniformly from the classes left. Written here for speed (a plain loop over label counts, no HF ``Dataset``).
+    as in flwr-datasets -- the same distribution as FedLab's re-draw until a class with samples left comes up).
+    If every class a client still favours is exhausted (FedLab then re-draws forever, flwr-datasets fails on NaN
+    probabilities), it draws uniformly from the classes left. Written here for speed (a loop over samples with
+    lazily updated priors, no HF ``Dataset``); the random stream is NumPy's ``default_rng(seed)``, so splits
+    match those libraries in distribution, not sample by sample.
     """
     alpha = _check_alpha(alpha, "dirichlet_per_client")
     labels = np.asarray(labels)
