@@ -196,8 +196,8 @@ def _client_glue():
     algorithm, keep personal state. Mirrors fedlt.federation.client_app (kept in step by results_match)."""
     import torch
 
-    from fedlt.data.federated import client_data
     from fedlt.federation.algorithm import ClientContext
+    from fedlt.federation.client_app import client_view
     from fedlt.seeding import derive_seed, torch_generator
 
     def context(model, init_state, frozen, global_sd, personal, state, plan, cfg, cid, rnd, purpose, device):
@@ -206,7 +206,8 @@ def _client_glue():
             if sd:
                 model.load_state_dict(sd, strict=False)
         torch.manual_seed(derive_seed(int(cfg["seed"]), purpose, rnd, cid))
-        return ClientContext(model=model, data=client_data(plan, cid), cfg=cfg, round=rnd,
+        data = client_view(plan, cid, float(cfg["backend"].get("client_data_cache_mb", 512)))
+        return ClientContext(model=model, data=data, cfg=cfg, round=rnd,
                              generator=torch_generator(int(cfg["seed"]), purpose, rnd, cid),
                              state=dict(state.get(cid, {})), device=device)
 
