@@ -192,6 +192,13 @@ def make_client_app(cfg: dict, plan: DataPlan) -> ClientApp:
         record.update({"num-examples": ctx.data.num_train, "client-id": ctx.data.client_id})
         return Message(RecordDict({"arrays": ArrayRecord(shared), "metrics": MetricRecord(record)}), reply_to=msg)
 
+    @app.train("cohort")
+    def train_cohort(msg: Message, context: Context) -> Message:
+        """backend.client_batching: several clients trained together (fedlt.federation.batched)."""
+        from fedlt.federation.batched import handle_cohort
+
+        return handle_cohort(runtime(cfg, plan), msg, context)
+
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         rt = runtime(cfg, plan)
