@@ -334,6 +334,10 @@ def _fractional_run(cfg: dict, device: str) -> dict:
     """fedlt's Flower path with 4 clients per GPU (num_gpus_per_client=0.25); CPU-only: the same run on CPU."""
     import tempfile
 
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        return {"skipped": "ray is not installed here"}
     from fedlt.federation.simulation import run
 
     b = dict(cfg["backend"])
