@@ -15,6 +15,7 @@ measures only the simulator: messaging, serialization, actor start-up, Ray. One 
 Usage::
 
     fedlt-bench [--bare-threads N] [--keep DIR] [hydra overrides ...]
+    fedlt-bench --mode flower [overrides]                         # the Flower path alone (e.g. 1,000 clients)
     fedlt-bench --mode updates [--device cpu|cuda] [overrides]   # client updates/s: sequential vs client_batching
     fedlt-bench --mode gpu-check [--device cuda]                  # updates/s + a fractional-GPU Flower run
 
@@ -445,6 +446,39 @@ def compare(cfg: dict, bare_threads: int | None, keep: str | None) -> dict:
     return out
 
 
+def flower_only(cfg: dict, keep: str | None) -> dict:
+    """Only fedlt's Flower path (scale checks: many clients), with per-round times and whole-tree memory."""
+    from fedlt.federation.simulation import quiet_flower
+
+    quiet_flower("ERROR")
+    run_dir = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="fedlt-bench-"))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with MemorySampler() as mem:
+        flower = flower_run(cfg, run_dir)
+    train_s = _tb_scalar(run_dir, "time/train_s")
+    rounds = flower["round_s"]
+    out = {
+        "mode": "flower", "clients": int(cfg["num_clients"]),
+        "sampled_per_round": max(int(float(cfg["participation"]) * int(cfg["num_clients"])), 1),
+        "rounds": int(cfg["num_rounds"]), "eval_every": int(cfg["eval"]["every"]),
+        "steady_round_s": round(statistics.median(steady(rounds)), 3),
+        "train_s": [round(train_s[r], 3) for r in sorted(train_s)],
+        "round_s": [round(v, 3) for v in rounds],
+        "time_to_first_round_s": round(flower["time_to_first_round_s"], 2),
+        "end_to_end_s": round(flower["end_to_end_s"], 2),
+        "peak_rss_mb": round(mem.peak_rss), "peak_pss_mb": round(mem.peak_pss), "cpu_s": round(mem.cpu_s, 1),
+        "generic_accuracy": flower["rows"][-1].get("generic/accuracy") if flower["rows"] else None,
+        "personalized_accuracy": flower["rows"][-1].get("personalized/accuracy") if flower["rows"] else None,
+        "strategy": cfg["strategy"]["name"], "dataset": cfg["dataset"]["name"], "model": cfg["model"]["name"],
+        "device": _device_name(cfg), "machine": machine_info(),
+    }
+    if not keep:
+        import shutil
+
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return out
+
+
 def _device_name(cfg: dict) -> str:
     from fedlt.federation.client_app import device_for
 
@@ -455,9 +489,10 @@ def _device_name(cfg: dict) -> str:
 def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(prog="fedlt-bench", description=__doc__.split("\n\n")[0],
                                 epilog="Any other argument is a Hydra override (key=value), as for `fedlt`.")
-    p.add_argument("--mode", choices=("compare", "updates", "gpu-check"), default="compare",
-                   help="compare: Flower path vs bare loop (default); updates: client updates/s, sequential vs "
-                        "client_batching; gpu-check: updates plus a fractional-GPU Flower run")
+    p.add_argument("--mode", choices=("compare", "flower", "updates", "gpu-check"), default="compare",
+                   help="compare: Flower path vs bare loop (default); flower: the Flower path only (scale runs); "
+                        "updates: client updates/s, sequential vs client_batching; gpu-check: updates plus a "
+                        "fractional-GPU Flower run")
     p.add_argument("--bare-threads", type=int, default=None,
                    help="torch threads of the bare loop's clients (default: backend.torch_threads, i.e. what "
                         "each client actor uses)")
@@ -484,6 +519,8 @@ def main(argv: list[str] | None = None) -> None:
         cfg = compose(default_overrides(overrides))
         if args.mode == "compare":
             out = compare(cfg, args.bare_threads, args.keep)
+        elif args.mode == "flower":
+            out = flower_only(cfg, args.keep)
         else:
             from fedlt.federation import batched
 

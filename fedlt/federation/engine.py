@@ -15,7 +15,8 @@ Measured costs of the stock engine (fedlt-bench, README "Performance"):
   2 ms, and still does a full pull every second so expired messages turn into error replies as before.
 
 The patches apply only to the Flower version they were written against (1.42.x, pinned in pyproject.toml);
-on any other version ``tune_flower`` leaves Flower untouched and says so at debug level.
+on any other version ``tune_flower`` leaves Flower untouched and says so at debug level. ``FEDLT_STOCK_FLOWER=1``
+leaves it untouched too (for A/B measurements).
 """
 
 from __future__ import annotations
@@ -102,6 +103,8 @@ def tune_flower() -> bool:
     global _TUNED
     if _TUNED:
         return True
+    if os.environ.get("FEDLT_STOCK_FLOWER"):  # A/B measurements against Flower's own engine
+        return False
     try:
         import flwr
         from flwr.server.superlink.fleet.vce import vce_api
