@@ -8,7 +8,7 @@
 #   bash launch/gpu_check.sh --device cuda num_clients=200 participation=0.2   # extra Hydra overrides
 #
 # Python packages missing on a bare GPU image (flwr, hydra-core, ...) are installed from ./.whl if that folder
-# exists (pip download --no-deps ... -d .whl NAME==VERSION on a machine with internet); without Ray the
+# exists (launch/gpu_check_prepare.sh fills it, and .gpudata/ with Fashion-MNIST); without Ray the
 # fractional-GPU run is reported as skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
