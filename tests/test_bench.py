@@ -13,7 +13,7 @@ from fedlt.bench import compare_rows, default_overrides, process_tree, tree_memo
 from tests.conftest import ROOT, needs_fmnist
 
 BENCH = str(Path(sys.executable).with_name("fedlt-bench"))
-TINY = ["strategy=fedavg", "dataset=fmnist_lt", "num_clients=4", "participation=0.5", "num_rounds=3",
+TINY = ["strategy=fedavg", "dataset=fmnist_lt", "dataset.n_max=1000", "num_clients=4", "participation=0.5", "num_rounds=3",
         "eval.every=2", "local_epochs=1", "model.width=8", "model.feature_dim=32"]
 
 
@@ -46,7 +46,8 @@ def test_updates_mode_reports_sequential_and_batched_throughput_on_cpu():
     from fedlt.bench import compose
     from fedlt.federation.batched import updates_benchmark
 
-    cfg = compose([o for o in TINY if not o.startswith("num_clients")] + ["num_clients=6", "dataset.n_max=600", "backend.device=cpu"])
+    cfg = compose([o for o in TINY if not o.startswith(("num_clients", "dataset.n_max"))]
+                  + ["num_clients=6", "dataset.n_max=600", "backend.device=cpu"])
     out = updates_benchmark(cfg, repeats=1)
     assert out["device"] == "cpu" and out["clients_per_update_batch"] == 3
     assert out["sequential_updates_per_s"] > 0 and out["batched_updates_per_s"] > 0

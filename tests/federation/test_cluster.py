@@ -3,6 +3,7 @@ started by the test on 127.0.0.1 and stopped by PID), and resources Ray would re
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -98,6 +99,7 @@ def test_run_attaches_to_a_running_ray_cluster(tmp_path):
     finally:
         stop_cluster(head, temp_dir)
     assert not processes_mentioning(str(temp_dir))
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_cluster_resources_are_refused_with_an_address():
