@@ -8,8 +8,9 @@ Measured costs of the stock engine (fedlt-bench, README "Performance"):
   for one pending message (``get_message_ins(node_id, limit=1)``), and each such call scans every stored
   message. A round therefore waited up to 0.1 s before its messages moved, and with N clients and M messages
   in flight a pass cost O(N x M): with 1,000 clients an evaluation round (1,000 messages) was quadratic.
-  ``_dispatch_messages`` does one pass over the stored messages per tick (O(M)), keeps Flower's rule of at most
-  one message per node per pass and its expiry check, and ticks every 2 ms while the store changes.
+  ``_dispatch_messages`` does one pass over the stored messages per tick (O(M)), hands a node at most one
+  message at a time (Flower: one per node per 0.1 s pass), keeps Flower's expiry check, and ticks every 2 ms
+  while the store changes.
 * **Reply polling**: ``InMemoryGrid.send_and_receive`` slept 0.1 s between pulls and each pull re-verified all
   pending ids. ``_send_and_receive`` pulls only the ids that have a reply (a dict look-up each), polls every
   2 ms, and still does a full pull every second so expired messages turn into error replies as before.
@@ -149,13 +150,17 @@ def _dispatch_messages(state, queue, nodes_mapping, f_stop) -> None:
                 pending = {mid for mid, m in list(store.items()) if m.metadata.delivered_at == ""}
                 if pending:
                     state._check_stored_messages(pending)  # drops expired/invalid messages, as Flower does
-                    stamp, busy = now().isoformat(), set()
+                    replied = getattr(state, "message_ins_id_to_message_res_id", {})
+                    # a node with a message still being processed gets no second one (its Context would race)
+                    busy = {m.metadata.dst_node_id for mid, m in store.items()
+                            if m.metadata.delivered_at != "" and mid not in replied}
+                    stamp = now().isoformat()
                     for mid in pending:
                         m = store.get(mid)
                         if m is None or m.metadata.delivered_at != "":
                             continue
                         nid = m.metadata.dst_node_id
-                        if nid in nodes and nid not in busy:  # one message per node per pass, as Flower
+                        if nid in nodes and nid not in busy:  # at most one message per node at a time
                             busy.add(nid)
                             m.metadata.delivered_at = stamp
                             picked.append(m)
