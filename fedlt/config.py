@@ -108,6 +108,9 @@ def validate(cfg: dict) -> dict:
     check_int(cfg, f"{b}.torch_threads", 1)
     check_float(cfg, f"{b}.round_timeout_s", 0.0, lo_open=True)
     check_int(cfg, f"{b}.min_clients_per_round", 1)
+    from fedlt.federation.engine import validate_backend
+
+    validate_backend(cfg)
     fi = cfg.get("fault_injection") or {}
     if fi:
         check_float(cfg, "fault_injection.probability", 0.0, 1.0)

@@ -11,13 +11,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedlt.data.federated import DataPlan, client_data
+from fedlt.data.federated import ClientData, DataPlan, client_data
 from fedlt.eval.predict import absent_class_mask, apply_mask, local_eval_record, predict_logits
 from fedlt.federation.algorithm import ClientAlgorithm, ClientContext
 from fedlt.federation.strategy import has_prefix
@@ -37,6 +38,7 @@ class ClientRuntime:
 
 
 _RUNTIMES: dict[str, ClientRuntime] = {}
+_RUNTIME_OF_CFG: dict[int, ClientRuntime] = {}  # id(cfg) -> runtime (rt.cfg keeps cfg alive, so ids are stable)
 
 
 def configure_torch(backend: dict) -> None:
@@ -55,6 +57,9 @@ def device_for(backend: dict) -> str:
 
 
 def runtime(cfg: dict, plan: DataPlan) -> ClientRuntime:
+    rt = _RUNTIME_OF_CFG.get(id(cfg))
+    if rt is not None and rt.cfg is cfg and rt.plan == plan:
+        return rt
     key = hashlib.sha256(json.dumps([cfg, plan.split_path], sort_keys=True, default=str).encode()).hexdigest()
     rt = _RUNTIMES.get(key)
     if rt is None:
@@ -69,7 +74,35 @@ def runtime(cfg: dict, plan: DataPlan) -> ClientRuntime:
         rt = ClientRuntime(cfg, plan, algo_cls(cfg), model,
                            {k: v.detach().clone() for k, v in model.state_dict().items()}, device)
         _RUNTIMES[key] = rt
+    _RUNTIME_OF_CFG[id(rt.cfg)] = rt
     return rt
+
+
+_VIEWS: OrderedDict[tuple[DataPlan, int], ClientData] = OrderedDict()
+_VIEW_BYTES = 0
+
+
+def client_view(plan: DataPlan, cid: int, budget_mb: float = 512) -> ClientData:
+    """``client_data(plan, cid)`` kept in a per-process LRU of at most ``budget_mb`` (backend.client_data_cache_mb):
+    slicing the memory-mapped arrays and normalising the local test set cost more than a small client's whole
+    evaluation. Cached views are shared between messages: algorithms must not modify ``ctx.data`` in place."""
+    key = (plan, cid)
+    data = _VIEWS.get(key)
+    if data is not None:
+        _VIEWS.move_to_end(key)
+        return data
+    global _VIEW_BYTES
+    data = client_data(plan, cid)
+    if budget_mb > 0:
+        _VIEWS[key] = data
+        _VIEW_BYTES += _nbytes(data)
+        while _VIEW_BYTES > budget_mb * 2**20 and len(_VIEWS) > 1:
+            _VIEW_BYTES -= _nbytes(_VIEWS.popitem(last=False)[1])
+    return data
+
+
+def _nbytes(d: ClientData) -> int:
+    return sum(t.element_size() * t.numel() for t in (d.train_x, d.train_y, d.test_x, d.test_y))
 
 
 def _load(rt: ClientRuntime, msg: Message, context: Context) -> dict[str, torch.Tensor]:
@@ -92,7 +125,8 @@ def _context(rt: ClientRuntime, msg: Message, context: Context, purpose: int) ->
     rnd = int(msg.content["config"]["server-round"])
     state = dict(_load(rt, msg, context))
     torch.manual_seed(derive_seed(int(rt.cfg["seed"]), purpose, rnd, cid))  # for anything not using the generator
-    return ClientContext(model=rt.model, data=client_data(rt.plan, cid), cfg=rt.cfg, round=rnd,
+    data = client_view(rt.plan, cid, float(rt.cfg["backend"].get("client_data_cache_mb", 512)))
+    return ClientContext(model=rt.model, data=data, cfg=rt.cfg, round=rnd,
                          generator=torch_generator(int(rt.cfg["seed"]), purpose, rnd, cid), state=state,
                          device=rt.device)
 
@@ -107,8 +141,32 @@ def _maybe_inject_fault(rt: ClientRuntime, cid: int, rnd: int) -> None:
             raise RuntimeError(f"injected fault (fault_injection.probability={p}) in client {cid}, round {rnd}")
 
 
+class FedltClientApp(ClientApp):
+    """A ClientApp that pickles by reference. Flower's Ray backend ships the app with every message; pickled
+    by value that is ~8 KB of closures re-serialised per message, by reference it is the config and a token,
+    and each actor process rebuilds the app once (``client_app_for``)."""
+
+    def __init__(self, token: str, cfg: dict, plan: DataPlan):
+        super().__init__()
+        self.fedlt_args = (token, cfg, plan)
+
+    def __reduce__(self):
+        return (client_app_for, self.fedlt_args)
+
+
+_APPS: dict[str, ClientApp] = {}
+
+
+def client_app_for(token: str, cfg: dict, plan: DataPlan) -> ClientApp:
+    app = _APPS.get(token)
+    if app is None:
+        app = _APPS[token] = make_client_app(cfg, plan)
+    return app
+
+
 def make_client_app(cfg: dict, plan: DataPlan) -> ClientApp:
-    app = ClientApp()
+    token = hashlib.sha256(json.dumps([cfg, list(vars(plan).values())], sort_keys=True, default=str).encode())
+    app = FedltClientApp(token.hexdigest(), cfg, plan)
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
@@ -133,6 +191,13 @@ def make_client_app(cfg: dict, plan: DataPlan) -> ClientApp:
         record = {k: float(v) for k, v in metrics.items()}
         record.update({"num-examples": ctx.data.num_train, "client-id": ctx.data.client_id})
         return Message(RecordDict({"arrays": ArrayRecord(shared), "metrics": MetricRecord(record)}), reply_to=msg)
+
+    @app.train("cohort")
+    def train_cohort(msg: Message, context: Context) -> Message:
+        """backend.client_batching: several clients trained together (fedlt.federation.batched)."""
+        from fedlt.federation.batched import handle_cohort
+
+        return handle_cohort(runtime(cfg, plan), msg, context)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:

@@ -72,7 +72,7 @@ def run_rounds(strategy: FedLTStrategy, grid: Grid, cfg: dict, plan: DataPlan, l
         n = sum(float(m["num-examples"]) for m in metrics)
         if metrics:
             row["train/loss"] = sum(float(m["train/loss"]) * float(m["num-examples"]) for m in metrics) / n
-        row["train/clients"] = len(ok)
+        row["train/clients"] = sum(int(m.get("num-clients", 1)) for m in metrics)  # a cohort reply counts its clients
         row["train/failures"] = len(failures)
         t_train = time.monotonic() - t0
         logger.train_round(rnd, {k: v for k, v in row.items() if k != "round"} | {"time/train_s": t_train})
@@ -111,7 +111,12 @@ def make_server_app(cfg: dict, plan: DataPlan, logger_factory, outcome: RunOutco
         from strategies import get_strategy
 
         configure_torch({**cfg["backend"], "torch_threads": cfg["backend"].get("server_threads") or 1})
-        strategy = get_strategy(cfg["strategy"]["name"])(cfg)
+        strategy_cls = get_strategy(cfg["strategy"]["name"])
+        if cfg["backend"].get("client_batching"):
+            from fedlt.federation.batched import make_cohort_strategy
+
+            strategy_cls = make_cohort_strategy(strategy_cls)
+        strategy = strategy_cls(cfg)
         outcome.strategy = strategy
         logger = logger_factory()
         try:

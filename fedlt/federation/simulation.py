@@ -65,6 +65,9 @@ def run(cfg: dict, run_dir: Path) -> dict:
     """Run the experiment; return the results dict (also written to results.json)."""
     t0 = time.monotonic()
     plan, split, source = prepare_run(cfg, run_dir)
+    from fedlt.federation.engine import start_ray, tune_flower
+
+    ray_start = start_ray(backend_config(cfg))  # in the background while flwr imports; Flower reuses it
 
     import flwr  # noqa: F401  (imported late: keeps `fedlt --help` and config errors fast)
 
@@ -77,8 +80,10 @@ def run(cfg: dict, run_dir: Path) -> dict:
     outcome = RunOutcome()
     server = make_server_app(cfg, plan, lambda: RunLogger(run_dir, int(cfg["num_rounds"])), outcome)
     client = make_client_app(cfg, plan)
+    tune_flower()
     t_sim = time.monotonic()
     try:
+        ray_start.wait()
         run_simulation(server_app=server, client_app=client, num_supernodes=int(cfg["num_clients"]),
                        backend_name="ray", backend_config=backend_config(cfg), verbose_logging=False)
     except BaseException as e:
@@ -86,6 +91,7 @@ def run(cfg: dict, run_dir: Path) -> dict:
             outcome.error = e
     finally:
         _shutdown_ray()
+        ray_start.release()
     if outcome.error is not None and not outcome.finished:
         raise RunFailed(outcome.error)
     results = final_results(cfg, outcome, time.monotonic() - t0, time.monotonic() - t_sim)

@@ -1,0 +1,246 @@
+"""Making Flower 1.42's simulation engine cheap: what fedlt does around ``run_simulation``.
+
+Measured costs of the stock engine (fedlt-bench, README "Performance"):
+
+* **Ray start-up** (3-15 s on a 2-core box) happened only after data preparation and the ``flwr`` import.
+  ``start_ray`` starts it in a background thread at the beginning of a run; Flower reuses an initialised Ray.
+* **Dispatch polling**: the engine's dispatcher thread asks the link state, every 0.1 s and *for every node*,
+  for one pending message (``get_message_ins(node_id, limit=1)``), and each such call scans every stored
+  message. A round therefore waited up to 0.1 s before its messages moved, and with N clients and M messages
+  in flight a pass cost O(N x M): with 1,000 clients an evaluation round (1,000 messages) was quadratic.
+  ``_dispatch_messages`` does one pass over the stored messages per tick (O(M)), hands a node at most one
+  message at a time (Flower: one per node per 0.1 s pass), keeps Flower's expiry check, and ticks every 2 ms
+  while the store changes.
+* **Reply polling**: ``InMemoryGrid.send_and_receive`` slept 0.1 s between pulls and each pull re-verified all
+  pending ids. ``_send_and_receive`` pulls only the ids that have a reply (a dict look-up each), polls every
+  2 ms, and still does a full pull every second so expired messages turn into error replies as before.
+
+The patches apply only to the Flower version they were written against (1.42.x, pinned in pyproject.toml);
+on any other version ``tune_flower`` leaves Flower untouched and says so at debug level. ``FEDLT_STOCK_FLOWER=1``
+leaves it untouched too (for A/B measurements).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+
+log = logging.getLogger("fedlt")
+
+TICK_S = 0.002  # dispatch / pull period while messages are moving
+IDLE_S = 0.02  # dispatch period while nothing changed
+FULL_PULL_S = 1.0  # how often the reply poll re-verifies every pending id (expiry -> error replies)
+
+
+# ------------------------------------------------------------------------------------------ Ray start-up
+class RayStart:
+    """``ray.init`` running in a background thread; ``wait()`` re-raises its error in the caller.
+
+    The thread must outlive the run: Ray starts its GCS and raylet with PR_SET_PDEATHSIG, which fires when the
+    *thread* that spawned them exits, so the thread parks until ``release()`` (after ``ray.shutdown``)."""
+
+    def __init__(self, init_args: dict):
+        self.init_args = dict(init_args)
+        self.error: BaseException | None = None
+        self.seconds = 0.0
+        self._ready = threading.Event()
+        self._release = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fedlt-ray-init", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        t0 = time.monotonic()
+        try:
+            import ray
+
+            if not ray.is_initialized():
+                ray.init(**self.init_args)
+        except BaseException as e:  # noqa: BLE001 -- re-raised by wait()
+            self.error = e
+        self.seconds = time.monotonic() - t0
+        self._ready.set()
+        self._release.wait()
+
+    def wait(self) -> None:
+        self._ready.wait()
+        if self.error is not None:
+            raise self.error
+
+    def release(self) -> None:
+        """Call after ``ray.shutdown()``: lets the parked thread end."""
+        self._release.set()
+
+
+def ray_init_args(backend_config: dict) -> dict:
+    """The ``ray.init`` arguments Flower would use for this backend config (flwr's RayBackend.init_ray):
+    the driver's sys.path travels as PYTHONPATH so actors (also on other cluster nodes) import fedlt."""
+    args = dict(backend_config.get("init_args") or {})
+    args.setdefault("include_dashboard", False)
+    pythonpath = os.pathsep.join(p for p in sys.path if p)
+    if os.environ.get("PYTHONPATH"):
+        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+    os.environ["PYTHONPATH"] = pythonpath
+    runtime_env = dict(args.pop("runtime_env", None) or {})
+    runtime_env.setdefault("env_vars", {})
+    runtime_env["env_vars"] = {"PYTHONPATH": pythonpath, **runtime_env["env_vars"]}
+    args["runtime_env"] = runtime_env
+    return args
+
+
+def start_ray(backend_config: dict) -> RayStart:
+    """Start Ray now, in the background, with exactly the arguments Flower would use later."""
+    return RayStart(ray_init_args(backend_config))
+
+
+# ------------------------------------------------------------------------------------ Flower engine tuning
+_TUNED = False
+
+
+def tune_flower() -> bool:
+    """Install the dispatcher and reply poll described above (idempotent). Returns whether they are active."""
+    global _TUNED
+    if _TUNED:
+        return True
+    if os.environ.get("FEDLT_STOCK_FLOWER"):  # A/B measurements against Flower's own engine
+        return False
+    try:
+        import flwr
+        from flwr.server.superlink.fleet.vce import vce_api
+        from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
+        from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+    except ImportError as e:  # pragma: no cover - a different Flower layout
+        log.debug("fedlt: Flower engine left as is (%s)", e)
+        return False
+    version = getattr(flwr, "__version__", "") or _flwr_version()
+    needed = [hasattr(InMemoryLinkState, a) for a in ("_check_stored_messages", "get_message_ins")]
+    if not version.startswith("1.42.") or not all(needed) or not hasattr(vce_api, "add_messages_to_queue"):
+        log.debug("fedlt: Flower %s engine left as is", version)
+        return False
+    vce_api.add_messages_to_queue = _dispatch_messages
+    InMemoryGrid.send_and_receive = _send_and_receive
+    _TUNED = True
+    return True
+
+
+def _flwr_version() -> str:
+    from importlib.metadata import version
+
+    return version("flwr")
+
+
+def _dispatch_messages(state, queue, nodes_mapping, f_stop) -> None:
+    """Replacement for ``vce_api.add_messages_to_queue`` (same signature and semantics, O(messages) a pass)."""
+    store = getattr(state, "message_ins_store", None)
+    lock = getattr(state, "lock", None)
+    if store is None or lock is None:  # not the in-memory link state: Flower's own loop
+        return _stock_dispatch(state, queue, nodes_mapping, f_stop)
+    from flwr.supercore.date import now
+
+    nodes = set(nodes_mapping)
+    last_len, last_full = -1, 0.0
+    while not f_stop.is_set():
+        picked = []
+        clock = time.monotonic()
+        if len(store) != last_len or clock - last_full > IDLE_S * 5:
+            last_full = clock
+            with lock:
+                pending = {mid for mid, m in list(store.items()) if m.metadata.delivered_at == ""}
+                if pending:
+                    state._check_stored_messages(pending)  # drops expired/invalid messages, as Flower does
+                    replied = getattr(state, "message_ins_id_to_message_res_id", {})
+                    # a node with a message still being processed gets no second one (its Context would race)
+                    busy = {m.metadata.dst_node_id for mid, m in store.items()
+                            if m.metadata.delivered_at != "" and mid not in replied}
+                    stamp = now().isoformat()
+                    for mid in pending:
+                        m = store.get(mid)
+                        if m is None or m.metadata.delivered_at != "":
+                            continue
+                        nid = m.metadata.dst_node_id
+                        if nid in nodes and nid not in busy:  # at most one message per node at a time
+                            busy.add(nid)
+                            m.metadata.delivered_at = stamp
+                            picked.append(m)
+                last_len = len(store) if not picked else -1
+        for m in sorted(picked, key=lambda m: m.metadata.created_at):
+            queue.put(m)
+        f_stop.wait(TICK_S if picked or last_len == -1 else IDLE_S)
+
+
+def _stock_dispatch(state, queue, nodes_mapping, f_stop) -> None:
+    while not f_stop.is_set():
+        for node_id in nodes_mapping.keys():
+            for msg in state.get_message_ins(node_id=node_id, limit=1):
+                queue.put(msg)
+        f_stop.wait(0.1)
+
+
+def _send_and_receive(self, messages, *, timeout: float | None = None):
+    """Replacement for ``InMemoryGrid.send_and_receive``: same contract, cheap polls."""
+    msg_ids = set(self.push_messages(messages))
+    del messages
+    replies_of = getattr(self.state, "message_ins_id_to_message_res_id", None)
+    end_time = time.time() + (timeout if timeout is not None else 0.0)
+    ret: list = []
+    last_full = time.monotonic()
+    while timeout is None or time.time() < end_time:
+        full = replies_of is None or time.monotonic() - last_full > FULL_PULL_S
+        ready = msg_ids if full else {m for m in msg_ids if m in replies_of}
+        if ready:
+            if full:
+                last_full = time.monotonic()
+            res_msgs = list(self.pull_messages(ready))
+            ret.extend(res_msgs)
+            msg_ids.difference_update({msg.metadata.reply_to_message_id for msg in res_msgs})
+        if not msg_ids:
+            break
+        time.sleep(TICK_S if replies_of is not None else self.pull_interval)
+    return ret
+
+
+def warm_worker() -> None:
+    """Imports a client actor needs (usable as a Ray ``worker_process_setup_hook``)."""
+    import torch  # noqa: F401
+
+    import fedlt.federation.client_app  # noqa: F401
+
+
+# ------------------------------------------------------------------------------------------ validation
+def validate_backend(cfg: dict) -> None:
+    """Backend checks that must fail before Ray starts (called by ``fedlt.config.validate``)."""
+    from fedlt.config import ConfigError, check_bool, check_float, check_int
+
+    b = cfg["backend"]
+    if b.get("address"):
+        given = [k for k in ("num_cpus", "num_gpus") if b.get(k) is not None]
+        given += [f"init_args.{k}" for k in ("num_cpus", "num_gpus", "resources", "object_store_memory")
+                  if k in (b.get("init_args") or {})]
+        if given:
+            raise ConfigError(
+                f"invalid value backend.{given[0]}={_get(b, given[0])!r} together with backend.address="
+                f"{b['address']!r}: a Ray cluster's resources are fixed when it is started (`ray start --num-cpus "
+                f"... --num-gpus ...`), and Ray refuses them when attaching; leave backend.{given[0]} null and set "
+                f"per-client resources with backend.num_cpus_per_client / backend.num_gpus_per_client.")
+    device = str(b.get("device", "auto"))
+    if device not in ("auto", "cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
+        raise ConfigError(f"invalid value backend.device={device!r}: allowed values are auto, cpu, cuda, cuda:N.")
+    if "client_data_cache_mb" in b:
+        check_float(cfg, "backend.client_data_cache_mb", 0.0)
+    if "client_batching" in b:
+        check_bool(cfg, "backend.client_batching")
+    if "batching_group" in b:
+        check_int(cfg, "backend.batching_group", 0)
+    if b.get("client_batching"):
+        from fedlt.federation.batched import check_supported
+
+        check_supported(cfg)
+
+
+def _get(b: dict, dotted: str):
+    node = b
+    for part in dotted.split("."):
+        node = node[part]
+    return node
