@@ -3,14 +3,17 @@
 Per process (one Ray actor serves many clients) a :class:`ClientRuntime` is built once: the run config, the
 algorithm's client object, one model with its pristine initial weights, and the memory-mapped dataset. Per
 message: reset the model to its initial weights, load frozen -> global -> personal state, call the algorithm,
-send back only the shared arrays, keep personal state in ``context.state``.
+send back only the shared arrays; personal state goes back to the server in the reply (simulation, see
+``fedlt.federation.client_state``) or stays in ``context.state``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -20,10 +23,11 @@ from flwr.clientapp import ClientApp
 from fedlt.data.federated import DataPlan, client_data
 from fedlt.eval.predict import absent_class_mask, apply_mask, class_counts, predict_logits
 from fedlt.federation.algorithm import ClientAlgorithm, ClientContext
+from fedlt.federation.client_state import PERSONAL, STATE, server_held
 from fedlt.federation.strategy import has_prefix
 from fedlt.seeding import EVAL, INIT, TRAIN, derive_seed, torch_generator
 
-PERSONAL, STATE, FROZEN = "fedlt.personal", "fedlt.state", "fedlt.frozen"
+FROZEN = "fedlt.frozen"
 
 
 @dataclass
@@ -73,18 +77,21 @@ def runtime(cfg: dict, plan: DataPlan) -> ClientRuntime:
 
 
 def _load(rt: ClientRuntime, msg: Message, context: Context) -> dict[str, torch.Tensor]:
-    """Reset the model, then load frozen, global and personal state; return the extra algorithm state."""
+    """Reset the model, then load frozen, global and personal state; return the extra algorithm state.
+    Personal/extra state comes with the message when the server holds it (simulation, see
+    fedlt.federation.client_state), else from ``context.state``."""
     model = rt.model
     model.load_state_dict(rt.init_state)
     if "frozen" in msg.content:
         context.state[FROZEN] = msg.content["frozen"]
+    holder = msg.content if server_held(msg) else context.state
     sources = [context.state[FROZEN]] if FROZEN in context.state else []
     sources.append(msg.content["arrays"])
-    if PERSONAL in context.state:
-        sources.append(context.state[PERSONAL])
+    if PERSONAL in holder:
+        sources.append(holder[PERSONAL])
     for rec in sources:
         model.load_state_dict(rec.to_torch_state_dict(), strict=False)
-    return context.state[STATE].to_torch_state_dict() if STATE in context.state else {}
+    return holder[STATE].to_torch_state_dict() if STATE in holder else {}
 
 
 def _context(rt: ClientRuntime, msg: Message, context: Context, purpose: int) -> ClientContext:
@@ -97,14 +104,34 @@ def _context(rt: ClientRuntime, msg: Message, context: Context, purpose: int) ->
                          device=rt.device)
 
 
-def _maybe_inject_fault(rt: ClientRuntime, cid: int, rnd: int) -> None:
-    """``fault_injection.probability``: a seeded per-(client, round) failure, to test that runs survive it."""
-    p = float((rt.cfg.get("fault_injection") or {}).get("probability", 0.0))
-    if p > 0:
-        from fedlt.seeding import FAULT, numpy_rng
+FAULT_MODES = ("raise", "oom", "exit", "nan")
+FAULT_PHASES = ("train", "evaluate", "any")
 
-        if numpy_rng(int(rt.cfg["seed"]), FAULT, rnd, cid).random() < p:
-            raise RuntimeError(f"injected fault (fault_injection.probability={p}) in client {cid}, round {rnd}")
+
+def _maybe_inject_fault(rt: ClientRuntime, cid: int, rnd: int, phase: str = "train") -> str | None:
+    """``fault_injection``: a seeded per-(client, round) failure, to test that runs survive it. ``raise``: the
+    client raises; ``oom``: a real allocator failure (an impossible allocation; nothing is allocated); ``exit``:
+    the actor process dies mid-round (``os._exit``), as when the OOM killer strikes; ``nan``: returned to the
+    caller, which poisons the update with NaN."""
+    fi = rt.cfg.get("fault_injection") or {}
+    p = float(fi.get("probability", 0.0))
+    if p <= 0 or fi.get("phase", "train") not in (phase, "any"):
+        return None
+    from fedlt.seeding import FAULT, numpy_rng
+
+    keys = (FAULT, rnd, cid) if phase == "train" else (FAULT, rnd, cid, 1)
+    if numpy_rng(int(rt.cfg["seed"]), *keys).random() >= p:
+        return None
+    mode = str(fi.get("mode", "raise"))
+    what = f"injected fault (fault_injection.mode={mode}, probability={p}) in client {cid}, round {rnd}, {phase}"
+    if mode == "raise":
+        raise RuntimeError(what)
+    if mode == "oom":
+        torch.empty(1 << 62, dtype=torch.uint8, device=rt.device)  # raises: can't allocate memory
+    if mode == "exit":
+        print(what, file=sys.stderr, flush=True)
+        os._exit(70)
+    return mode
 
 
 def make_client_app(cfg: dict, plan: DataPlan) -> ClientApp:
@@ -119,25 +146,32 @@ def make_client_app(cfg: dict, plan: DataPlan) -> ClientApp:
     def train(msg: Message, context: Context) -> Message:
         rt = runtime(cfg, plan)
         ctx = _context(rt, msg, context, TRAIN)
-        _maybe_inject_fault(rt, ctx.data.client_id, ctx.round)
+        fault = _maybe_inject_fault(rt, ctx.data.client_id, ctx.round, "train")
         metrics = rt.algorithm.train(ctx)
         algo = rt.algorithm
         sd = rt.model.state_dict()
         shared = {k: v.detach().cpu().clone() for k, v in sd.items()
                   if not has_prefix(k, algo.personal_prefixes) and not has_prefix(k, algo.frozen_prefixes)}
+        if fault == "nan":
+            for v in shared.values():
+                if v.is_floating_point():
+                    v.fill_(math.nan)
         personal = {k: v.detach().cpu().clone() for k, v in sd.items() if has_prefix(k, algo.personal_prefixes)}
-        if personal:
-            context.state[PERSONAL] = ArrayRecord(personal)
-        if ctx.state:
-            context.state[STATE] = ArrayRecord({k: v.detach().cpu().clone() for k, v in ctx.state.items()})
         record = {k: float(v) for k, v in metrics.items()}
         record.update({"num-examples": ctx.data.num_train, "client-id": ctx.data.client_id})
-        return Message(RecordDict({"arrays": ArrayRecord(shared), "metrics": MetricRecord(record)}), reply_to=msg)
+        content = RecordDict({"arrays": ArrayRecord(shared), "metrics": MetricRecord(record)})
+        keep = content if server_held(msg) else context.state  # see fedlt.federation.client_state
+        if personal:
+            keep[PERSONAL] = ArrayRecord(personal)
+        if ctx.state:
+            keep[STATE] = ArrayRecord({k: v.detach().cpu().clone() for k, v in ctx.state.items()})
+        return Message(content, reply_to=msg)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         rt = runtime(cfg, plan)
         ctx = _context(rt, msg, context, EVAL)
+        _maybe_inject_fault(rt, ctx.data.client_id, ctx.round, "evaluate")
         data = ctx.data
         k = rt.plan.num_classes
         mask = absent_class_mask(data.test_counts)

@@ -23,6 +23,7 @@ from flwr.serverapp.strategy import FedAvg
 from fedlt.eval.metrics import client_spread, count_metrics, per_class_accuracy
 from fedlt.eval.predict import class_counts, predict_logits
 from fedlt.federation.algorithm import ClientAlgorithm, Predictor
+from fedlt.federation.failures import describe
 from fedlt.seeding import SAMPLE, numpy_rng
 
 
@@ -148,7 +149,7 @@ class FedLTStrategy(FedAvg):
         for r in replies:
             cid = node_to_client.get(r.metadata.src_node_id, -1)
             if r.has_error():
-                failures.append({"client": cid, "reason": str(r.error.reason)[-500:]})
+                failures.append({"client": cid, "reason": describe(str(r.error.reason))})
                 continue
             bad = [k for rec in r.content.array_records.values() for k, a in rec.items()
                    if np.issubdtype(a.numpy().dtype, np.floating) and not np.isfinite(a.numpy()).all()]
