@@ -115,7 +115,7 @@ def validate_reliability(cfg: dict) -> None:
     combinations Ray or the round loop would only fail on after start-up."""
     import os
 
-    from fedlt.federation.client_app import FAULT_MODES, FAULT_PHASES
+    from fedlt.federation.client_app import FAULT_MODES, FAULT_PHASES, fault_modes
     from fedlt.federation.ray_backend import address_problem
 
     if "checkpoint" in cfg:
@@ -125,11 +125,13 @@ def validate_reliability(cfg: dict) -> None:
     if cfg.get("resume") is not None and not isinstance(cfg["resume"], str):
         _fail("resume", cfg["resume"], "expected the path of a run directory")
     fi = cfg.get("fault_injection") or {}
-    if "mode" in fi:
-        check_choice(cfg, "fault_injection.mode", FAULT_MODES)
     if "phase" in fi:
         check_choice(cfg, "fault_injection.phase", FAULT_PHASES)
-        if fi.get("mode") == "nan" and fi["phase"] != "train":
+    if "mode" in fi:
+        modes = fault_modes(fi)
+        if not modes or any(m not in FAULT_MODES for m in modes):
+            _fail("fault_injection.mode", fi["mode"], f"allowed values are {', '.join(FAULT_MODES)} or a list")
+        if modes == ["nan"] and fi.get("phase", "train") != "train":
             _fail("fault_injection.phase", fi["phase"], "fault_injection.mode=nan poisons a training update, so "
                   "the phase must be train")
     b = cfg["backend"]

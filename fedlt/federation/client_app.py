@@ -108,22 +108,41 @@ FAULT_MODES = ("raise", "oom", "exit", "nan")
 FAULT_PHASES = ("train", "evaluate", "any")
 
 
-def _maybe_inject_fault(rt: ClientRuntime, cid: int, rnd: int, phase: str = "train") -> str | None:
-    """``fault_injection``: a seeded per-(client, round) failure, to test that runs survive it. ``raise``: the
-    client raises; ``oom``: a real allocator failure (an impossible allocation; nothing is allocated); ``exit``:
-    the actor process dies mid-round (``os._exit``), as when the OOM killer strikes; ``nan``: returned to the
-    caller, which poisons the update with NaN."""
-    fi = rt.cfg.get("fault_injection") or {}
+def fault_modes(fi: dict) -> list:
+    """``fault_injection.mode`` as a list (Hydra reads a bare ``nan`` on the command line as a float)."""
+    modes = fi.get("mode", "raise")
+    modes = list(modes) if isinstance(modes, (list, tuple)) else [modes]
+    return ["nan" if isinstance(m, float) and m != m else m for m in modes]
+
+
+def injected_fault(cfg: dict, cid: int, rnd: int, phase: str) -> str | None:
+    """The fault ``fault_injection`` injects into client ``cid`` in round ``rnd`` ("train" or "evaluate"), or
+    None: a pure function of (seed, round, client, phase), so it does not depend on scheduling. ``mode`` may be
+    a list: each fault then draws one of them (``nan`` only for training)."""
+    fi = cfg.get("fault_injection") or {}
     p = float(fi.get("probability", 0.0))
     if p <= 0 or fi.get("phase", "train") not in (phase, "any"):
         return None
     from fedlt.seeding import FAULT, numpy_rng
 
     keys = (FAULT, rnd, cid) if phase == "train" else (FAULT, rnd, cid, 1)
-    if numpy_rng(int(rt.cfg["seed"]), *keys).random() >= p:
+    rng = numpy_rng(int(cfg["seed"]), *keys)
+    if rng.random() >= p:
         return None
-    mode = str(fi.get("mode", "raise"))
-    what = f"injected fault (fault_injection.mode={mode}, probability={p}) in client {cid}, round {rnd}, {phase}"
+    modes = fault_modes(fi)
+    if phase != "train":
+        modes = [m for m in modes if m != "nan"] or ["raise"]
+    return str(modes[int(rng.integers(len(modes)))]) if len(modes) > 1 else str(modes[0])
+
+
+def _maybe_inject_fault(rt: ClientRuntime, cid: int, rnd: int, phase: str = "train") -> str | None:
+    """Act out :func:`injected_fault`. ``raise``: the client raises; ``oom``: a real allocator failure (an
+    impossible allocation; nothing is allocated); ``exit``: the actor process dies mid-round (``os._exit``), as
+    when the OOM killer strikes; ``nan``: returned to the caller, which poisons the update with NaN."""
+    mode = injected_fault(rt.cfg, cid, rnd, phase)
+    if mode is None:
+        return None
+    what = f"injected fault (fault_injection.mode={mode}) in client {cid}, round {rnd}, {phase}"
     if mode == "raise":
         raise RuntimeError(what)
     if mode == "oom":

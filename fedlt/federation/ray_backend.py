@@ -126,7 +126,53 @@ def start_ray(cfg: dict, init_args: dict) -> None:
         )
 
 
-def shutdown_ray() -> None:
+def descendants(pid: int | None = None) -> list[int]:
+    """Every live descendant process of ``pid`` (default: this process), from /proc (Linux; [] elsewhere)."""
+    root = os.getpid() if pid is None else pid
+    children: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for name in entries:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(name))
+    out, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _is_ray(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read().replace(b"\0", b" ")
+    except OSError:
+        return False
+    return cmd.startswith(b"ray::") or b"/ray/" in cmd or b"raylet" in cmd or b"gcs_server" in cmd
+
+
+def ray_descendants() -> list[int]:
+    return [p for p in descendants() if _is_ray(p)]
+
+
+def shutdown_ray(grace_s: float = 3.0) -> None:
+    """``ray.shutdown()``, then make sure no process Ray started is left: its actor workers outlive the raylet
+    for up to a minute after a normal shutdown, so whatever Ray process among this process's descendants is
+    still alive after ``grace_s`` gets SIGKILL."""
+    import signal
+    import time
+
+    procs = ray_descendants()
     try:
         import ray
 
@@ -134,3 +180,21 @@ def shutdown_ray() -> None:
             ray.shutdown()
     except Exception:  # noqa: BLE001 -- best effort at exit
         pass
+    procs += [p for p in ray_descendants() if p not in procs]
+    deadline = time.monotonic() + grace_s
+    while procs and time.monotonic() < deadline:
+        procs = [p for p in procs if _alive(p)]
+        time.sleep(0.1)
+    for p in procs:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
