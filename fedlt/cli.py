@@ -3,6 +3,8 @@ command line (``fedlt strategy=fedprox num_rounds=20``), ``fedlt --help`` lists 
 
 from __future__ import annotations
 
+import io
+import logging
 import os
 import shutil
 import sys
@@ -38,14 +40,67 @@ def to_dict(cfg: DictConfig) -> dict:
 
 
 def write_config(run_dir: Path, plain: dict) -> None:
-    tmp = run_dir / ".config.yaml.tmp"
-    tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(plain)))
-    os.replace(tmp, run_dir / "config.yaml")
+    from fedlt.federation.checkpoint import write_config_yaml
+
+    write_config_yaml(run_dir, plain)
+
+
+class _HeldStderr:
+    """Hydra's own errors (an unknown key, a missing config group) are printed by Hydra on stderr, over several
+    lines, before fedlt's code runs. ``main`` holds stderr back until the run starts, and turns such an error
+    into fedlt's one-paragraph form (exit 2)."""
+
+    def __init__(self) -> None:
+        self.real = sys.stderr
+        self.buffer = io.StringIO()
+        self.held = False
+
+    def hold(self) -> None:
+        self.real, self.held = sys.stderr, True
+        sys.stderr = self.buffer
+
+    def release(self) -> str:
+        """Back to the real stderr; retarget logging handlers created meanwhile; return what was held."""
+        if not self.held:
+            return ""
+        self.held = False
+        sys.stderr = self.real
+        for ref in logging._handlerList:  # noqa: SLF001 -- handlers Hydra built while stderr was held
+            h = ref()
+            if isinstance(h, logging.StreamHandler) and h.stream is self.buffer:
+                h.setStream(self.real)
+        text, self.buffer = self.buffer.getvalue(), io.StringIO()
+        return text
+
+
+_STDERR = _HeldStderr()
+
+
+def main() -> None:
+    """The ``fedlt`` console script."""
+    _STDERR.hold()
+    try:
+        hydra_main()
+    except SystemExit as e:
+        held = _STDERR.release()
+        if e.code not in (0, None) and held.strip() and "fedlt: error:" not in held:
+            held = held.split("Config search path")[0]  # Hydra's search-path dump is noise to a user
+            noise = ("full_key:", "object_type=")
+            lines = [ln.strip() for ln in held.splitlines()
+                     if ln.strip() and not ln.strip().startswith(noise) and "HYDRA_FULL_ERROR" not in ln]
+            print(f"fedlt: error: {' '.join(lines)}", file=sys.stderr, flush=True)
+            sys.exit(2)
+        sys.stderr.write(held)
+        raise
+    finally:
+        sys.stderr.write(_STDERR.release())
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
+
+    sys.stderr.write(_STDERR.release())
 
     run_dir = Path(HydraConfig.get().runtime.output_dir).resolve()
     fresh = not any(run_dir.iterdir()) if run_dir.exists() else True
@@ -68,8 +123,9 @@ def main(cfg: DictConfig) -> None:
     if resume:
         if fresh and run_dir != resume_dir:
             shutil.rmtree(run_dir, ignore_errors=True)  # the directory Hydra made for this invocation
-        run_dir, fresh = resume_dir, False
-    write_config(run_dir, plain)
+        run_dir, fresh = resume_dir, False  # config.yaml is rewritten by run() once the checkpoint is accepted
+    else:
+        write_config(run_dir, plain)
     from fedlt.federation.ray_backend import BackendError
     from fedlt.federation.simulation import Interrupted, RunFailed, run
 

@@ -289,13 +289,25 @@ class Checkpointer:
         return path
 
 
-def reset_run_dir(run_dir: Path, state: RunState | None) -> None:
-    """Before resuming: metrics.jsonl holds exactly the rows up to the checkpoint (rows a killed run wrote after
-    it are dropped), results.json of an earlier end is removed (it is rewritten at the end), and without any
+def write_config_yaml(run_dir: Path, cfg: dict) -> None:
+    """The run's resolved config.yaml, written atomically."""
+    from omegaconf import OmegaConf
+
+    tmp = Path(run_dir) / ".config.yaml.tmp"
+    tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(cfg)))
+    os.replace(tmp, Path(run_dir) / "config.yaml")
+
+
+def reset_run_dir(run_dir: Path, state: RunState | None, cfg: dict | None = None) -> None:
+    """Before resuming (the checkpoint was accepted): config.yaml holds the config the run continues with (e.g.
+    a raised num_rounds), metrics.jsonl exactly the rows up to the checkpoint (rows a killed run wrote after it
+    are dropped), results.json of an earlier end is removed (it is rewritten at the end), and without any
     checkpoint the run starts over (TensorBoard files too)."""
     from fedlt.runlog import _clean
 
     run_dir = Path(run_dir)
+    if cfg is not None:
+        write_config_yaml(run_dir, cfg)
     for p in checkpoint_dir(run_dir).glob(".round-*.tmp-*"):  # left by a writer that was killed
         p.unlink(missing_ok=True)
     (run_dir / "results.json").unlink(missing_ok=True)

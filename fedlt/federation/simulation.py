@@ -48,7 +48,18 @@ def backend_config(cfg: dict) -> dict:
 
 
 def prepare_run(cfg: dict, run_dir: Path):
-    """Everything before Ray: data (may raise DataError / PartitionError), partition.json."""
+    """Everything before Ray: data (may raise DataError / PartitionError), partition.json. The client count is
+    checked against the long-tailed training set before partitioning (a split into 100,000 clients takes long)."""
+    import numpy as np
+
+    from fedlt.data.longtail import longtail_counts
+    from fedlt.data.sources import load_source
+
+    d = cfg["dataset"]
+    source = load_source(d, cfg.get("data_root"), cfg["cache_dir"])
+    n_max = int(d.get("n_max") or np.bincount(np.asarray(source.train_y)).max())
+    validate_data_size(cfg, int(longtail_counts(source.num_classes, n_max, float(d["imbalance_factor"]),
+                                                d["profile"]).sum()))
     plan, split, source = prepare(cfg)
     validate_data_size(cfg, int(split.global_counts.sum()))
     write_json_atomic(run_dir / "partition.json", summary(split, source, cfg))
@@ -87,7 +98,7 @@ def _run(cfg: dict, run_dir: Path, resume: bool, stop, on_signal: bool) -> dict:
             raise checkpoint.CheckpointError(
                 f"invalid value num_rounds={cfg['num_rounds']}: the newest checkpoint of {run_dir} is after round "
                 f"{state.round}; a resumed run can keep or raise num_rounds, not lower it below that.")
-        checkpoint.reset_run_dir(run_dir, state)
+        checkpoint.reset_run_dir(run_dir, state, cfg)
     plan, split, source = prepare_run(cfg, run_dir)
     from fedlt.federation.server_app import RunOutcome, make_server_app
 
