@@ -90,6 +90,13 @@ def client_resources(cfg: dict) -> dict:
             "max_task_retries": int(b.get("actor_task_retries", 1))}
 
 
+def check_reachable(cfg: dict, init_args: dict) -> None:
+    """Fail fast (before data preparation) when ``backend.address`` names a cluster nobody answers for."""
+    address = init_args.get("address")
+    if isinstance(address, str) and address not in ("auto", "local"):
+        probe(address, timeout=min(5.0, float(cfg["backend"].get("startup_timeout_s") or 120)))
+
+
 def start_ray(cfg: dict, init_args: dict) -> None:
     """Start or attach to Ray, or raise BackendError within ``backend.startup_timeout_s``."""
     import ray
@@ -97,8 +104,7 @@ def start_ray(cfg: dict, init_args: dict) -> None:
     b = cfg["backend"]
     limit = float(b.get("startup_timeout_s") or 120)
     address = init_args.get("address")
-    if isinstance(address, str) and address not in ("auto", "local"):
-        probe(address, timeout=min(5.0, limit))
+    check_reachable(cfg, init_args)
     pythonpath = os.pathsep.join(sys.path)
     if os.environ.get("PYTHONPATH"):
         pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"

@@ -84,7 +84,7 @@ def run(cfg: dict, run_dir: Path, resume: bool = False) -> dict:
 
 def _run(cfg: dict, run_dir: Path, resume: bool, stop, on_signal: bool) -> dict:
     from fedlt.federation import checkpoint
-    from fedlt.federation.ray_backend import shutdown_ray, start_ray
+    from fedlt.federation.ray_backend import check_reachable, shutdown_ray, start_ray
 
     t0 = time.monotonic()
     state = None
@@ -99,6 +99,7 @@ def _run(cfg: dict, run_dir: Path, resume: bool, stop, on_signal: bool) -> dict:
                 f"invalid value num_rounds={cfg['num_rounds']}: the newest checkpoint of {run_dir} is after round "
                 f"{state.round}; a resumed run can keep or raise num_rounds, not lower it below that.")
         checkpoint.reset_run_dir(run_dir, state, cfg)
+    check_reachable(cfg, backend_config(cfg)["init_args"])  # a dead backend.address fails before data loading
     plan, split, source = prepare_run(cfg, run_dir)
     from fedlt.federation.server_app import RunOutcome, make_server_app
 
