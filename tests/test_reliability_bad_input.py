@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import needs_fmnist, run_fedlt
+from tests.conftest import run_fedlt
 
 # (id, overrides, text the error must contain). RUN / FILE / DATA are replaced by per-test paths.
 CASES = [
