@@ -135,6 +135,8 @@ def validate_reliability(cfg: dict) -> None:
             _fail("fault_injection.phase", fi["phase"], "fault_injection.mode=nan poisons a training update, so "
                   "the phase must be train")
     b = cfg["backend"]
+    if "deterministic" in b:
+        check_bool(cfg, "backend.deterministic")
     if b.get("startup_timeout_s") is not None:
         check_float(cfg, "backend.startup_timeout_s", 0.0, lo_open=True)
     for key in ("actor_max_restarts", "actor_task_retries"):
