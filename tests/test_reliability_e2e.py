@@ -105,8 +105,7 @@ def test_sigkill_then_sigterm_then_resume_equals_uninterrupted_run_across_actor_
     wait_until(rows_at_least(b, 4), 300, pb)  # round 4 logged; the newest checkpoint is round 3
     os.kill(pb.pid, signal.SIGKILL)
     assert pb.wait(30) == -signal.SIGKILL
-    killed_rows = len(read_jsonl(b / "metrics.jsonl"))
-    assert killed_rows >= 4 and not (b / "results.json").exists()
+    assert not (b / "results.json").exists()
 
     killed_inode = (b / "metrics.jsonl").stat().st_ino
     pc = start(f"resume={b}", "backend.num_cpus=2", "backend.num_cpus_per_client=2", run_dir=b)
