@@ -146,7 +146,7 @@ def test_loading_never_executes_code_from_the_file(tmp_path):
     d = tmp_path / "checkpoints"
     d.mkdir()
     with open(d / "round-000001.pt", "wb") as f:
-        pickle.dump({"format": 1, "x": Evil()}, f)
+        pickle.dump({"format": 1, "x": Evil()}, f, protocol=2)
     with pytest.raises(CheckpointError, match="round-000001.pt"):
         checkpoint.latest(tmp_path, CFG)
     assert not marker.exists()
