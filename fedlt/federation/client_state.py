@@ -55,15 +55,6 @@ class ClientStateStore:
             if recs:
                 self.records.setdefault(client_of(r), {}).update(recs)
 
-    @staticmethod
-    def strip(replies: Iterable[Message]) -> None:
-        """Drop state records from replies that are not accepted (their state must not be kept)."""
-        for r in replies:
-            if not r.has_error():
-                for name in RECORDS:
-                    if name in r.content:
-                        r.content.pop(name)
-
     # ----------------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[int, dict[str, dict[str, torch.Tensor]]]:
         return {cid: {name: rec.to_torch_state_dict() for name, rec in recs.items()}
