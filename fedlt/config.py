@@ -114,11 +114,85 @@ def validate(cfg: dict) -> dict:
     fi = cfg.get("fault_injection") or {}
     if fi:
         check_float(cfg, "fault_injection.probability", 0.0, 1.0)
+    validate_reliability(cfg)
     strategy = get_strategy(cfg["strategy"]["name"])
     hook = getattr(strategy, "validate_config", None)
     if hook is not None:
         hook(cfg)
     return cfg
+
+
+def validate_reliability(cfg: dict) -> None:
+    """Checkpoint, fault-injection and backend options (fedlt.federation.checkpoint / ray_backend), including
+    combinations Ray or the round loop would only fail on after start-up."""
+    import os
+
+    from fedlt.federation.client_app import FAULT_MODES, FAULT_PHASES, fault_modes
+    from fedlt.federation.ray_backend import address_problem
+
+    if "checkpoint" in cfg:
+        check_int(cfg, "checkpoint.every", 0)
+        check_int(cfg, "checkpoint.keep", 0)
+        check_bool(cfg, "checkpoint.on_signal")
+    if cfg.get("resume") is not None and not isinstance(cfg["resume"], str):
+        _fail("resume", cfg["resume"], "expected the path of a run directory")
+    fi = cfg.get("fault_injection") or {}
+    if "phase" in fi:
+        check_choice(cfg, "fault_injection.phase", FAULT_PHASES)
+    if "mode" in fi:
+        modes = fault_modes(fi)
+        if not modes or any(m not in FAULT_MODES for m in modes):
+            _fail("fault_injection.mode", fi["mode"], f"allowed values are {', '.join(FAULT_MODES)} or a list")
+        if modes == ["nan"] and fi.get("phase", "train") != "train":
+            _fail("fault_injection.phase", fi["phase"], "fault_injection.mode=nan poisons a training update, so "
+                  "the phase must be train")
+    b = cfg["backend"]
+    if "deterministic" in b:
+        check_bool(cfg, "backend.deterministic")
+    if b.get("startup_timeout_s") is not None:
+        check_float(cfg, "backend.startup_timeout_s", 0.0, lo_open=True)
+    for key in ("actor_max_restarts", "actor_task_retries"):
+        if b.get(key) is not None:
+            check_int(cfg, f"backend.{key}", -1)
+    if b.get("num_cpus") is not None:
+        check_int(cfg, "backend.num_cpus", 1)
+    if b.get("num_gpus") is not None:
+        check_float(cfg, "backend.num_gpus", 0.0)
+    problem = address_problem(b.get("address"))
+    if problem:
+        _fail("backend.address", b["address"], problem)
+    init_args = b.get("init_args") or {}
+    if not isinstance(init_args, dict):
+        _fail("backend.init_args", init_args, "expected a mapping of ray.init keyword arguments")
+    if b.get("address") or init_args.get("address"):
+        clash = [k for k in ("num_cpus", "num_gpus") if b.get(k) is not None or k in init_args]
+        if clash:
+            raise ConfigError(
+                f"invalid combination backend.address={b.get('address') or init_args.get('address')!r} with "
+                f"backend.{clash[0]}={b.get(clash[0], init_args.get(clash[0]))!r}: Ray refuses CPU/GPU counts when "
+                f"attaching to a running cluster (the cluster's own resources are used); set backend.{clash[0]}=null.")
+    else:
+        cpus = int(b.get("num_cpus") or os.cpu_count() or 1)
+        if float(b["num_cpus_per_client"]) > cpus:
+            raise ConfigError(
+                f"invalid value backend.num_cpus_per_client={b['num_cpus_per_client']!r}: Ray will have {cpus} CPUs "
+                f"(backend.num_cpus={b.get('num_cpus')!r}), so no client actor would ever start; use at most {cpus}.")
+        if float(b["num_gpus_per_client"]) > 0:
+            import torch
+
+            gpus = b.get("num_gpus")
+            gpus = float(torch.cuda.device_count() if gpus is None else gpus)
+            if gpus < float(b["num_gpus_per_client"]):
+                raise ConfigError(
+                    f"invalid value backend.num_gpus_per_client={b['num_gpus_per_client']!r}: Ray will have "
+                    f"{gpus:g} GPUs, so no client actor would ever start; use 0 on a machine without a GPU.")
+    n = int(cfg["num_clients"])
+    sampled = max(int(float(cfg["participation"]) * n), 1)
+    if int(b["min_clients_per_round"]) > sampled:
+        raise ConfigError(
+            f"invalid combination backend.min_clients_per_round={b['min_clients_per_round']} with "
+            f"participation={cfg['participation']} and num_clients={n}: only {sampled} clients are sampled per "
+            f"round, so the global model would never change; lower min_clients_per_round to at most {sampled}.")
 
 
 def validate_data_size(cfg: dict, train_size: int) -> None:

@@ -3,15 +3,18 @@
 Per process (one Ray actor serves many clients) a :class:`ClientRuntime` is built once: the run config, the
 algorithm's client object, one model with its pristine initial weights, and the memory-mapped dataset. Per
 message: reset the model to its initial weights, load frozen -> global -> personal state, call the algorithm,
-send back only the shared arrays, keep personal state in ``context.state``.
+send back only the shared arrays; personal state goes back to the server in the reply (simulation, see
+``fedlt.federation.client_state``) or stays in ``context.state``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections import OrderedDict
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -21,10 +24,11 @@ from flwr.clientapp import ClientApp
 from fedlt.data.federated import ClientData, DataPlan, client_data
 from fedlt.eval.predict import absent_class_mask, apply_mask, local_eval_record, predict_logits
 from fedlt.federation.algorithm import ClientAlgorithm, ClientContext
+from fedlt.federation.client_state import PERSONAL, STATE, server_held
 from fedlt.federation.strategy import has_prefix
 from fedlt.seeding import EVAL, INIT, TRAIN, derive_seed, torch_generator
 
-PERSONAL, STATE, FROZEN = "fedlt.personal", "fedlt.state", "fedlt.frozen"
+FROZEN = "fedlt.frozen"
 
 
 @dataclass
@@ -47,6 +51,20 @@ def configure_torch(backend: dict) -> None:
         torch.set_num_threads(threads)
     if backend.get("flush_denormal", True):
         torch.set_flush_denormal(True)  # SSE-C-style small-norm heads produce denormals: 25-30 % on CPU
+    if backend.get("deterministic", True) and device_for(backend).startswith("cuda"):
+        deterministic_cuda()
+
+
+def deterministic_cuda() -> None:
+    """Deterministic cuDNN/cuBLAS kernels (README "Reliability"): measured on an H100, a ResNet-8 client update
+    differs by up to 0.14 in a parameter between two identical runs with the default kernels, by 0 with these.
+    Ops with no deterministic CUDA kernel (e.g. adaptive_avg_pool2d's backward) keep theirs (warn_only)."""
+    import warnings
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts in this process
+    torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    warnings.filterwarnings("ignore", message=".*does not have a deterministic implementation.*")
 
 
 def device_for(backend: dict) -> str:
@@ -106,18 +124,21 @@ def _nbytes(d: ClientData) -> int:
 
 
 def _load(rt: ClientRuntime, msg: Message, context: Context) -> dict[str, torch.Tensor]:
-    """Reset the model, then load frozen, global and personal state; return the extra algorithm state."""
+    """Reset the model, then load frozen, global and personal state; return the extra algorithm state.
+    Personal/extra state comes with the message when the server holds it (simulation, see
+    fedlt.federation.client_state), else from ``context.state``."""
     model = rt.model
     model.load_state_dict(rt.init_state)
     if "frozen" in msg.content:
         context.state[FROZEN] = msg.content["frozen"]
+    holder = msg.content if server_held(msg) else context.state
     sources = [context.state[FROZEN]] if FROZEN in context.state else []
     sources.append(msg.content["arrays"])
-    if PERSONAL in context.state:
-        sources.append(context.state[PERSONAL])
+    if PERSONAL in holder:
+        sources.append(holder[PERSONAL])
     for rec in sources:
         model.load_state_dict(rec.to_torch_state_dict(), strict=False)
-    return context.state[STATE].to_torch_state_dict() if STATE in context.state else {}
+    return holder[STATE].to_torch_state_dict() if STATE in holder else {}
 
 
 def _context(rt: ClientRuntime, msg: Message, context: Context, purpose: int) -> ClientContext:
@@ -131,14 +152,53 @@ def _context(rt: ClientRuntime, msg: Message, context: Context, purpose: int) ->
                          device=rt.device)
 
 
-def _maybe_inject_fault(rt: ClientRuntime, cid: int, rnd: int) -> None:
-    """``fault_injection.probability``: a seeded per-(client, round) failure, to test that runs survive it."""
-    p = float((rt.cfg.get("fault_injection") or {}).get("probability", 0.0))
-    if p > 0:
-        from fedlt.seeding import FAULT, numpy_rng
+FAULT_MODES = ("raise", "oom", "exit", "nan")
+FAULT_PHASES = ("train", "evaluate", "any")
 
-        if numpy_rng(int(rt.cfg["seed"]), FAULT, rnd, cid).random() < p:
-            raise RuntimeError(f"injected fault (fault_injection.probability={p}) in client {cid}, round {rnd}")
+
+def fault_modes(fi: dict) -> list:
+    """``fault_injection.mode`` as a list (Hydra reads a bare ``nan`` on the command line as a float)."""
+    modes = fi.get("mode", "raise")
+    modes = list(modes) if isinstance(modes, (list, tuple)) else [modes]
+    return ["nan" if isinstance(m, float) and m != m else m for m in modes]
+
+
+def injected_fault(cfg: dict, cid: int, rnd: int, phase: str) -> str | None:
+    """The fault ``fault_injection`` injects into client ``cid`` in round ``rnd`` ("train" or "evaluate"), or
+    None: a pure function of (seed, round, client, phase), so it does not depend on scheduling. ``mode`` may be
+    a list: each fault then draws one of them (``nan`` only for training)."""
+    fi = cfg.get("fault_injection") or {}
+    p = float(fi.get("probability", 0.0))
+    if p <= 0 or fi.get("phase", "train") not in (phase, "any"):
+        return None
+    from fedlt.seeding import FAULT, numpy_rng
+
+    keys = (FAULT, rnd, cid) if phase == "train" else (FAULT, rnd, cid, 1)
+    rng = numpy_rng(int(cfg["seed"]), *keys)
+    if rng.random() >= p:
+        return None
+    modes = fault_modes(fi)
+    if phase != "train":
+        modes = [m for m in modes if m != "nan"] or ["raise"]
+    return str(modes[int(rng.integers(len(modes)))]) if len(modes) > 1 else str(modes[0])
+
+
+def _maybe_inject_fault(rt: ClientRuntime, cid: int, rnd: int, phase: str = "train") -> str | None:
+    """Act out :func:`injected_fault`. ``raise``: the client raises; ``oom``: a real allocator failure (an
+    impossible allocation; nothing is allocated); ``exit``: the actor process dies mid-round (``os._exit``), as
+    when the OOM killer strikes; ``nan``: returned to the caller, which poisons the update with NaN."""
+    mode = injected_fault(rt.cfg, cid, rnd, phase)
+    if mode is None:
+        return None
+    what = f"injected fault (fault_injection.mode={mode}) in client {cid}, round {rnd}, {phase}"
+    if mode == "raise":
+        raise RuntimeError(what)
+    if mode == "oom":
+        torch.empty(1 << 62, dtype=torch.uint8, device=rt.device)  # raises: can't allocate memory
+    if mode == "exit":
+        print(what, file=sys.stderr, flush=True)
+        os._exit(70)
+    return mode
 
 
 class FedltClientApp(ClientApp):
@@ -177,20 +237,26 @@ def make_client_app(cfg: dict, plan: DataPlan) -> ClientApp:
     def train(msg: Message, context: Context) -> Message:
         rt = runtime(cfg, plan)
         ctx = _context(rt, msg, context, TRAIN)
-        _maybe_inject_fault(rt, ctx.data.client_id, ctx.round)
+        fault = _maybe_inject_fault(rt, ctx.data.client_id, ctx.round, "train")
         metrics = rt.algorithm.train(ctx)
         algo = rt.algorithm
         sd = rt.model.state_dict()
         shared = {k: v.detach().cpu().clone() for k, v in sd.items()
                   if not has_prefix(k, algo.personal_prefixes) and not has_prefix(k, algo.frozen_prefixes)}
+        if fault == "nan":
+            for v in shared.values():
+                if v.is_floating_point():
+                    v.fill_(math.nan)
         personal = {k: v.detach().cpu().clone() for k, v in sd.items() if has_prefix(k, algo.personal_prefixes)}
-        if personal:
-            context.state[PERSONAL] = ArrayRecord(personal)
-        if ctx.state:
-            context.state[STATE] = ArrayRecord({k: v.detach().cpu().clone() for k, v in ctx.state.items()})
         record = {k: float(v) for k, v in metrics.items()}
         record.update({"num-examples": ctx.data.num_train, "client-id": ctx.data.client_id})
-        return Message(RecordDict({"arrays": ArrayRecord(shared), "metrics": MetricRecord(record)}), reply_to=msg)
+        content = RecordDict({"arrays": ArrayRecord(shared), "metrics": MetricRecord(record)})
+        keep = content if server_held(msg) else context.state  # see fedlt.federation.client_state
+        if personal:
+            keep[PERSONAL] = ArrayRecord(personal)
+        if ctx.state:
+            keep[STATE] = ArrayRecord({k: v.detach().cpu().clone() for k, v in ctx.state.items()})
+        return Message(content, reply_to=msg)
 
     @app.train("cohort")
     def train_cohort(msg: Message, context: Context) -> Message:
@@ -203,6 +269,7 @@ def make_client_app(cfg: dict, plan: DataPlan) -> ClientApp:
     def evaluate(msg: Message, context: Context) -> Message:
         rt = runtime(cfg, plan)
         ctx = _context(rt, msg, context, EVAL)
+        _maybe_inject_fault(rt, ctx.data.client_id, ctx.round, "evaluate")
         data = ctx.data
         k = rt.plan.num_classes
         mask = absent_class_mask(data.test_counts)

@@ -2,8 +2,8 @@
 
 Measured costs of the stock engine (fedlt-bench, README "Performance"):
 
-* **Ray start-up** (3-15 s on a 2-core box) happened only after data preparation and the ``flwr`` import.
-  ``start_ray`` starts it in a background thread at the beginning of a run; Flower reuses an initialised Ray.
+* **Ray start-up** (3-15 s on a 2-core box): fedlt starts Ray itself (``fedlt.federation.ray_backend``, with a
+  watchdog and a reachability probe); Flower reuses the initialised Ray.
 * **Dispatch polling**: the engine's dispatcher thread asks the link state, every 0.1 s and *for every node*,
   for one pending message (``get_message_ins(node_id, limit=1)``), and each such call scans every stored
   message. A round therefore waited up to 0.1 s before its messages moved, and with N clients and M messages
@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
-import threading
 import time
 
 log = logging.getLogger("fedlt")
@@ -33,66 +31,6 @@ log = logging.getLogger("fedlt")
 TICK_S = 0.002  # dispatch / pull period while messages are moving
 IDLE_S = 0.02  # dispatch period while nothing changed
 FULL_PULL_S = 1.0  # how often the reply poll re-verifies every pending id (expiry -> error replies)
-
-
-# ------------------------------------------------------------------------------------------ Ray start-up
-class RayStart:
-    """``ray.init`` running in a background thread; ``wait()`` re-raises its error in the caller.
-
-    The thread must outlive the run: Ray starts its GCS and raylet with PR_SET_PDEATHSIG, which fires when the
-    *thread* that spawned them exits, so the thread parks until ``release()`` (after ``ray.shutdown``)."""
-
-    def __init__(self, init_args: dict):
-        self.init_args = dict(init_args)
-        self.error: BaseException | None = None
-        self.seconds = 0.0
-        self._ready = threading.Event()
-        self._release = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="fedlt-ray-init", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        t0 = time.monotonic()
-        try:
-            import ray
-
-            if not ray.is_initialized():
-                ray.init(**self.init_args)
-        except BaseException as e:  # noqa: BLE001 -- re-raised by wait()
-            self.error = e
-        self.seconds = time.monotonic() - t0
-        self._ready.set()
-        self._release.wait()
-
-    def wait(self) -> None:
-        self._ready.wait()
-        if self.error is not None:
-            raise self.error
-
-    def release(self) -> None:
-        """Call after ``ray.shutdown()``: lets the parked thread end."""
-        self._release.set()
-
-
-def ray_init_args(backend_config: dict) -> dict:
-    """The ``ray.init`` arguments Flower would use for this backend config (flwr's RayBackend.init_ray):
-    the driver's sys.path travels as PYTHONPATH so actors (also on other cluster nodes) import fedlt."""
-    args = dict(backend_config.get("init_args") or {})
-    args.setdefault("include_dashboard", False)
-    pythonpath = os.pathsep.join(p for p in sys.path if p)
-    if os.environ.get("PYTHONPATH"):
-        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
-    os.environ["PYTHONPATH"] = pythonpath
-    runtime_env = dict(args.pop("runtime_env", None) or {})
-    runtime_env.setdefault("env_vars", {})
-    runtime_env["env_vars"] = {"PYTHONPATH": pythonpath, **runtime_env["env_vars"]}
-    args["runtime_env"] = runtime_env
-    return args
-
-
-def start_ray(backend_config: dict) -> RayStart:
-    """Start Ray now, in the background, with exactly the arguments Flower would use later."""
-    return RayStart(ray_init_args(backend_config))
 
 
 # ------------------------------------------------------------------------------------ Flower engine tuning
@@ -199,13 +137,6 @@ def _send_and_receive(self, messages, *, timeout: float | None = None):
             break
         time.sleep(TICK_S if replies_of is not None else self.pull_interval)
     return ret
-
-
-def warm_worker() -> None:
-    """Imports a client actor needs (usable as a Ray ``worker_process_setup_hook``)."""
-    import torch  # noqa: F401
-
-    import fedlt.federation.client_app  # noqa: F401
 
 
 # ------------------------------------------------------------------------------------------ validation

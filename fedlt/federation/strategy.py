@@ -24,6 +24,7 @@ from fedlt.eval.generic import GenericEvaluation
 from fedlt.eval.personalized import personalized_metrics
 from fedlt.eval.predict import predict_logits
 from fedlt.federation.algorithm import ClientAlgorithm, Predictor
+from fedlt.federation.failures import describe
 from fedlt.seeding import SAMPLE, numpy_rng
 
 
@@ -149,7 +150,7 @@ class FedLTStrategy(FedAvg):
         for r in replies:
             cid = node_to_client.get(r.metadata.src_node_id, -1)
             if r.has_error():
-                failures.append({"client": cid, "reason": str(r.error.reason)[-500:]})
+                failures.append({"client": cid, "reason": describe(str(r.error.reason))})
                 continue
             bad = [k for rec in r.content.array_records.values() for k, a in rec.items()
                    if np.issubdtype(a.numpy().dtype, np.floating) and not np.isfinite(a.numpy()).all()]

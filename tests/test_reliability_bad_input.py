@@ -1,0 +1,190 @@
+"""Bad input, table-driven: each case goes through the real ``fedlt`` entry point (``fedlt.cli.main``, i.e.
+Hydra composition, validation, the resume checks, data preparation) in this process -- a subprocess costs ~4 s
+each -- and a few through the installed console script. Every case must give one paragraph naming the
+offending value, a non-zero exit, no traceback, no Ray, and no run directory left that looks like a run."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import run_fedlt
+
+# (id, overrides, text the error must contain). RUN / FILE / DATA are replaced by per-test paths.
+CASES = [
+    # types
+    ("type-int", ["num_clients=abc"], "num_clients='abc'"),
+    ("type-float", ["optimizer.lr=abc"], "optimizer.lr='abc'"),
+    ("type-bool", ["eval.mask_absent_classes=maybe"], "eval.mask_absent_classes='maybe'"),
+    ("type-seed-float", ["seed=1.5"], "seed=1.5"),
+    ("type-on-signal", ["checkpoint.on_signal=sometimes"], "checkpoint.on_signal='sometimes'"),
+    # ranges
+    ("range-clients", ["num_clients=0"], "num_clients=0"),
+    ("range-seed", ["seed=-1"], "seed=-1"),
+    ("range-rounds", ["num_rounds=0"], "num_rounds=0"),
+    ("range-participation-0", ["participation=0"], "participation=0"),
+    ("range-participation-big", ["participation=1.5"], "participation=1.5"),
+    ("range-epochs", ["local_epochs=-1"], "local_epochs=-1"),
+    ("range-batch", ["batch_size=0"], "batch_size=0"),
+    ("range-lr", ["optimizer.lr=0"], "optimizer.lr=0"),
+    ("range-momentum", ["optimizer.momentum=1.0"], "optimizer.momentum=1.0"),
+    ("range-eval-every", ["eval.every=-2"], "eval.every=-2"),
+    ("range-imbalance", ["dataset.imbalance_factor=0.5"], "dataset.imbalance_factor=0.5"),
+    ("range-alpha-0", ["partition.alpha=0"], "partition.alpha=0"),
+    ("range-alpha-neg", ["partition.alpha=-1"], "partition.alpha=-1"),
+    ("range-mu", ["strategy=fedprox", "strategy.mu=-1"], "strategy.mu=-1"),
+    ("range-threads", ["backend.torch_threads=0"], "backend.torch_threads=0"),
+    ("range-timeout", ["backend.round_timeout_s=0"], "backend.round_timeout_s=0"),
+    ("range-ckpt-every", ["checkpoint.every=-1"], "checkpoint.every=-1"),
+    ("range-ckpt-keep", ["checkpoint.keep=-3"], "checkpoint.keep=-3"),
+    ("range-fault-p", ["fault_injection.probability=2"], "fault_injection.probability=2"),
+    ("range-port", ["backend.address=10.0.0.1:99999"], "backend.address='10.0.0.1:99999'"),
+    # unknown names
+    ("unknown-key", ["num_round=3"], "num_round"),
+    ("unknown-strategy-group", ["strategy=nope"], "strategy/nope"),
+    ("unknown-strategy-name", ["strategy.name=nope"], "strategy.name='nope'"),
+    ("unknown-model", ["model.name=vgg"], "model.name='vgg'"),
+    ("unknown-profile", ["dataset.profile=linear"], "dataset.profile='linear'"),
+    ("unknown-fault-mode", ["fault_injection.mode=explode"], "fault_injection.mode='explode'"),
+    ("unknown-fault-phase", ["fault_injection.phase=never"], "fault_injection.phase='never'"),
+    ("bad-address", ["backend.address=localhost"], "backend.address='localhost'"),
+    # incompatible combinations
+    ("address-with-cpus", ["backend.address=127.0.0.1:6379", "backend.num_cpus=2"], "backend.num_cpus=2"),
+    ("min-clients-unreachable", ["num_clients=6", "participation=0.5", "backend.min_clients_per_round=4"],
+     "backend.min_clients_per_round=4"),
+    ("cpus-per-client", ["backend.num_cpus=2", "backend.num_cpus_per_client=4"], "backend.num_cpus_per_client=4"),
+    ("nan-at-evaluation", ["fault_injection.mode=[nan]", "fault_injection.phase=evaluate"],
+     "fault_injection.phase='evaluate'"),
+    # missing / corrupt data
+    ("data-missing", ["dataset.path=/nonexistent/fmnist"], "/nonexistent/fmnist"),
+    ("data-corrupt", ["dataset.path=DATA", "cache_dir=DATA/cache"], "corrupt"),
+    ("too-many-clients", ["num_clients=100000"], "num_clients=100000"),
+    # resume
+    ("resume-missing-dir", ["resume=/nonexistent/run"], "resume='/nonexistent/run'"),
+    ("resume-a-file", ["resume=FILE"], "is not a directory"),
+    ("resume-not-a-run", ["resume=EMPTY"], "not a fedlt run directory"),
+    ("resume-corrupt-config", ["resume=GARBLED"], "cannot be read"),
+    ("resume-other-override", ["resume=RUN", "strategy=fedprox"], "strategy cannot be changed"),
+    ("resume-other-config-ckpt", ["resume=FOREIGN"], "different configuration"),
+    ("resume-corrupt-ckpt", ["resume=BROKEN"], "corrupt"),
+    ("resume-fewer-rounds", ["resume=RUN", "num_rounds=1"], "num_rounds=1"),
+]
+if torch.cuda.device_count() == 0:
+    CASES.append(("gpu-without-gpu", ["backend.num_gpus_per_client=1"], "backend.num_gpus_per_client=1"))
+if os.geteuid() != 0:  # root reads everything
+    CASES.append(("resume-unreadable", ["resume=LOCKED"], "cannot be read and written"))
+NEEDS_DATA = {"too-many-clients"}
+
+
+@pytest.fixture(scope="module")
+def places(tmp_path_factory):
+    """Run directories to resume: a valid one with a round-2 checkpoint, and broken variants."""
+    from fedlt.federation import checkpoint
+    from fedlt.federation.checkpoint import RunState
+    from tests.federation.inprocess import compose
+
+    root = tmp_path_factory.mktemp("places")
+    cfg = compose("experiment=smoke", "num_rounds=3")
+    state = RunState(round=2, arrays={"w": torch.zeros(2)}, clients={}, server_state={})
+
+    def run_dir(name: str, ckpt_cfg: dict | None = cfg) -> Path:
+        d = root / name
+        d.mkdir()
+        from omegaconf import OmegaConf
+
+        (d / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(cfg)))
+        if ckpt_cfg is not None:
+            checkpoint.save(d, state, ckpt_cfg, keep=0)
+        return d
+
+    broken = run_dir("broken")
+    next(broken.joinpath("checkpoints").iterdir()).write_bytes(b"\x80\x02garbage")
+    garbled = root / "garbled"
+    garbled.mkdir()
+    (garbled / "config.yaml").write_text("{{{: not yaml")
+    data = root / "data"
+    data.mkdir()
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+                 "t10k-labels-idx1-ubyte.gz"):
+        (data / name).write_bytes(b"not gzip at all")
+    (root / "file").write_text("x")
+    (root / "empty").mkdir()
+    locked = run_dir("locked")
+    locked.chmod(0)
+    yield {"RUN": run_dir("run"), "FOREIGN": run_dir("foreign", {**cfg, "seed": 99}), "BROKEN": broken,
+           "GARBLED": garbled, "DATA": data, "FILE": root / "file", "EMPTY": root / "empty", "LOCKED": locked}
+    locked.chmod(0o755)
+
+
+def substitute(args: list[str], places: dict) -> list[str]:
+    out = []
+    for a in args:
+        for k, v in places.items():
+            a = a.replace(f"={k}", f"={v}")
+        out.append(a)
+    return out
+
+
+def snapshot(d: Path) -> dict:
+    return {p: p.stat().st_mtime_ns for p in d.rglob("*")} if d.is_dir() else {}
+
+
+def assert_refused(code, err: str, named: str, run_dir: Path, t0: float) -> None:
+    assert code not in (0, None), err
+    assert "Traceback" not in err
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    paragraph = [ln for ln in lines if ln.startswith("fedlt: error:")]
+    assert len(paragraph) == 1, err  # one paragraph, fedlt's own
+    assert named in paragraph[0], (named, paragraph[0])
+    assert time.monotonic() - t0 < 60  # refused before anything expensive
+    # nothing left that looks like a run
+    assert not any((run_dir / f).exists() for f in ("config.yaml", "metrics.jsonl", "results.json", "tb"))
+
+
+@pytest.mark.parametrize("case,overrides,named", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_in_process(case, overrides, named, places, tmp_path, monkeypatch, capsys):
+    from fedlt import cli
+    from fedlt.federation.ray_backend import ray_descendants
+    from tests.conftest import fmnist_available
+
+    if case in NEEDS_DATA and not fmnist_available():
+        pytest.skip("needs Fashion-MNIST")
+    run_dir = tmp_path / "run"
+    args = substitute(overrides, places)
+    resumed = next((Path(a.split("=", 1)[1]) for a in args if a.startswith("resume=")), None)
+    before = snapshot(resumed) if resumed else {}
+    monkeypatch.setattr(sys, "argv", ["fedlt", *args, f"hydra.run.dir={run_dir}"])
+    t0 = time.monotonic()
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    err = capsys.readouterr().err
+    assert_refused(exit_info.value.code, err, named, run_dir, t0)
+    assert ray_descendants() == []  # no Ray started
+    if "ray" in sys.modules:
+        assert not sys.modules["ray"].is_initialized()
+    if resumed is not None and resumed.exists():  # a refused resume leaves the run directory as it was
+        assert snapshot(resumed) == before, case
+        assert not (resumed / "results.json").exists() and not (resumed / "metrics.jsonl").exists()
+
+
+SUBPROCESS = [  # the same refusals through the installed console script, as a user meets them
+    (["num_round=3"], "num_round"),
+    (["optimizer.lr=abc"], "optimizer.lr='abc'"),
+    (["dataset.path=/nonexistent/fmnist"], "/nonexistent/fmnist"),
+    (["resume=/nonexistent/run"], "resume='/nonexistent/run'"),
+    (["backend.address=localhost"], "backend.address='localhost'"),
+]
+
+
+@pytest.mark.parametrize("overrides,named", SUBPROCESS, ids=[s[0][0] for s in SUBPROCESS])
+def test_bad_input_console_script(overrides, named, tmp_path):
+    run_dir = tmp_path / "run"
+    t0 = time.monotonic()
+    res = run_fedlt(*overrides, run_dir=run_dir, timeout=120)
+    assert_refused(res.returncode, res.stderr + res.stdout, named, run_dir, t0)
+    assert res.returncode == 2
