@@ -17,12 +17,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from fedlt.eval import tb_extras
 
 
-def _clean(v):
+def json_safe(v):
     """JSON-safe: NaN/inf become null, numpy/torch scalars become Python numbers."""
     if isinstance(v, dict):
-        return {str(k): _clean(x) for k, x in v.items()}
+        return {str(k): json_safe(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
-        return [_clean(x) for x in v]
+        return [json_safe(x) for x in v]
     if hasattr(v, "item") and not isinstance(v, (str, bytes)):
         try:
             v = v.item()
@@ -35,7 +35,7 @@ def _clean(v):
 
 def write_json_atomic(path: Path, obj) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(_clean(obj), indent=2))
+    tmp.write_text(json.dumps(json_safe(obj), indent=2))
     os.replace(tmp, path)
 
 
@@ -75,14 +75,14 @@ class RunLogger:
         """An evaluated round: one line in metrics.jsonl, scalars (and per-client histograms) to TensorBoard,
         the round's per-class / per-client detail to eval_detail.json (so interrupted runs can be reported),
         progress updated."""
-        row = _clean(row)
+        row = json_safe(row)
         self.rows.append(row)
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()
             os.fsync(f.fileno())
         if detail is not None:
-            self.detail = _clean(detail)
+            self.detail = json_safe(detail)
             write_json_atomic(self.run_dir / "eval_detail.json", self.detail)
             tb_extras.histograms(self.tb, int(row["round"]), self.detail)
         if not self._hparams_written:

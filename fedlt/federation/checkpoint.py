@@ -303,7 +303,7 @@ def reset_run_dir(run_dir: Path, state: RunState | None, cfg: dict | None = None
     a raised num_rounds), metrics.jsonl exactly the rows up to the checkpoint (rows a killed run wrote after it
     are dropped), results.json of an earlier end is removed (it is rewritten at the end), and without any
     checkpoint the run starts over (TensorBoard files too)."""
-    from fedlt.runlog import _clean
+    from fedlt.runlog import json_safe
 
     run_dir = Path(run_dir)
     if cfg is not None:
@@ -314,7 +314,7 @@ def reset_run_dir(run_dir: Path, state: RunState | None, cfg: dict | None = None
     metrics = run_dir / "metrics.jsonl"
     rows = state.rows if state is not None else []
     tmp = metrics.with_name(f".{metrics.name}.tmp")
-    tmp.write_text("".join(json.dumps(_clean(r)) + "\n" for r in rows))
+    tmp.write_text("".join(json.dumps(json_safe(r)) + "\n" for r in rows))
     os.replace(tmp, metrics)
     if state is None:
         shutil.rmtree(run_dir / "tb", ignore_errors=True)

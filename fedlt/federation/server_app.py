@@ -19,7 +19,7 @@ from fedlt.federation.client_state import ClientStateStore
 from fedlt.federation.failures import check_actors_alive, is_backend_failure
 from fedlt.federation.model import build_run_model
 from fedlt.federation.strategy import FedLTStrategy
-from fedlt.runlog import RunLogger
+from fedlt.runlog import RunLogger, json_safe
 from fedlt.seeding import INIT, derive_seed
 
 log = logging.getLogger("fedlt")
@@ -128,6 +128,7 @@ def run_rounds(strategy: FedLTStrategy, grid: Grid, cfg: dict, plan: DataPlan, l
             row["time/round_s"] = time.monotonic() - t0
             row["time/elapsed_s"] = elapsed_before + time.monotonic() - t_run
             outcome.detail = {"generic": gen_detail, "personalized": pers_detail, "round": rnd}
+            row = json_safe(row)  # NaN (e.g. an empty shot group) -> None, as in metrics.jsonl
             logger.eval_round(row, outcome.detail)
             outcome.rows.append(row)
         stopping = ckpt.stop_requested()
