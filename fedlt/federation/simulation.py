@@ -8,7 +8,7 @@ import os
 import time
 from pathlib import Path
 
-from fedlt.config import validate_data_size
+from fedlt.config import validate_data_size, validate_strategy_data
 from fedlt.data.federated import prepare, summary
 from fedlt.runlog import RunLogger, write_json_atomic
 
@@ -50,6 +50,7 @@ def prepare_run(cfg: dict, run_dir: Path):
     """Everything before Ray: data (may raise DataError / PartitionError), partition.json."""
     plan, split, source = prepare(cfg)
     validate_data_size(cfg, int(split.global_counts.sum()))
+    validate_strategy_data(cfg, plan.num_classes)
     write_json_atomic(run_dir / "partition.json", summary(split, source, cfg))
     return plan, split, source
 
