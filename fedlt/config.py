@@ -65,9 +65,11 @@ def check_bool(cfg: dict, path: str) -> bool:
 def validate(cfg: dict) -> dict:
     """Check every value a run uses; return the config unchanged. Strategy-specific options are checked by
     the strategy's ``validate_config`` hook when it has one."""
+    from fedlt.data.local_test import LOCAL_TESTS
     from fedlt.data.longtail import PROFILES
     from fedlt.data.partition import PARTITIONERS
     from fedlt.data.sources import SOURCES
+    from fedlt.data.validate import validate_data
     from fedlt.models import MODELS
     from strategies import STRATEGIES, get_strategy
 
@@ -83,7 +85,7 @@ def validate(cfg: dict) -> dict:
     check_int(cfg, "eval.every", 0)
     check_int(cfg, "eval.batch_size", 1)
     check_bool(cfg, "eval.mask_absent_classes")
-    check_choice(cfg, "eval.local_test", ("proportional",))
+    check_choice(cfg, "eval.local_test", LOCAL_TESTS)
     check_choice(cfg, "dataset.source", sorted(SOURCES))
     check_float(cfg, "dataset.imbalance_factor", 1.0)
     check_choice(cfg, "dataset.profile", PROFILES)
@@ -91,6 +93,7 @@ def validate(cfg: dict) -> dict:
     if "alpha" in cfg["partition"]:
         check_float(cfg, "partition.alpha", 0.0, lo_open=True)
     check_int(cfg, "partition.min_samples_per_client", 0)
+    validate_data(cfg)  # the remaining dataset.* / partition.* / holdout options (fedlt/data/validate.py)
     check_choice(cfg, "model.name", MODELS)
     check_choice(cfg, "strategy.name", sorted(STRATEGIES))
     b = "backend"

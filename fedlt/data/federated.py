@@ -20,10 +20,10 @@ import numpy as np
 import torch
 
 from fedlt.data.augment import to_float
-from fedlt.data.local_test import proportional_local_tests
+from fedlt.data.local_test import holdout_local_tests, local_test_overlap, proportional_local_tests
 from fedlt.data.longtail import IF_CONVENTION, longtail_counts, select_longtail
-from fedlt.data.partition import partition
-from fedlt.data.sources import SourceArrays, load_source, open_cached_source
+from fedlt.data.partition import GUARD_PARAMS, partition
+from fedlt.data.sources import DataError, SourceArrays, load_source, open_cached_source
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,8 @@ class DataPlan:
     num_clients: int
     augment_padding: int
     augment_hflip: bool
+    label_suffix: str = ""  # "_coarse": CIFAR-100 superclass labels stored beside the images
+    local_test_split: str = "test"  # which source split the local test indices point into ("train" for holdout)
 
 
 @dataclass
@@ -46,8 +48,9 @@ class FederatedSplit:
     lt_indices: np.ndarray  # indices of the long-tailed training set into the source training split
     client_train: list[np.ndarray]  # per client: indices into the source training split
     client_test: list[np.ndarray]  # per client: indices into the source test split
-    class_counts: np.ndarray  # clients x classes training counts
-    global_counts: np.ndarray  # classes: long-tailed training counts
+    class_counts: np.ndarray  # clients x classes training counts (what clients train on)
+    global_counts: np.ndarray  # classes: long-tailed training counts (the profile, before any holdout)
+    local_test_split: str = "test"  # "test": local tests drawn from the test split; "train": held out (holdout)
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -55,7 +58,7 @@ class FederatedSplit:
         os.close(fd)
         try:
             arrays = {"lt_indices": self.lt_indices, "class_counts": self.class_counts,
-                      "global_counts": self.global_counts}
+                      "global_counts": self.global_counts, "local_test_split": np.array(self.local_test_split)}
             for k, (tr, te) in enumerate(zip(self.client_train, self.client_test, strict=True)):
                 arrays[f"train_{k}"] = tr
                 arrays[f"test_{k}"] = te
@@ -73,33 +76,65 @@ class FederatedSplit:
             return cls(
                 lt_indices=z["lt_indices"], class_counts=z["class_counts"], global_counts=z["global_counts"],
                 client_train=[z[f"train_{k}"] for k in range(n)], client_test=[z[f"test_{k}"] for k in range(n)],
+                local_test_split=str(z["local_test_split"]) if "local_test_split" in z.files else "test",
             )
 
 
+SPLIT_VERSION = 2  # part of the split cache key: bump when the way a split is drawn changes
+SOURCE_ONLY_KEYS = ("augment", "mean", "std", "download", "download_url", "sha256")  # do not change the split
+
+
 def split_key(source: SourceArrays, cfg: dict) -> str:
-    d, p = cfg["dataset"], cfg["partition"]
+    d, p, e = cfg["dataset"], cfg["partition"], cfg["eval"]
     relevant = {
-        "source": source.cache_dir, "n_max": d.get("n_max"), "if": d["imbalance_factor"], "profile": d["profile"],
-        "lt_seed": d.get("longtail_seed", 0), "partition": p, "clients": cfg["num_clients"], "seed": cfg["seed"],
-        "local_test": cfg["eval"]["local_test"], "version": 1,
+        "source": source.cache_dir, "labels": source.label_suffix,
+        "dataset": {k: v for k, v in d.items() if k not in SOURCE_ONLY_KEYS},
+        "partition": p, "clients": cfg["num_clients"], "seed": cfg["seed"],
+        "local_test": e["local_test"], "holdout_fraction": e.get("holdout_fraction"), "version": SPLIT_VERSION,
     }
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
-def build_split(source: SourceArrays, cfg: dict) -> FederatedSplit:
-    d, p = cfg["dataset"], cfg["partition"]
+def profile_counts(source: SourceArrays, d: dict) -> np.ndarray:
+    """Per-class counts of the long-tailed training set, checked against the images available."""
     k = source.num_classes
     available = np.bincount(np.asarray(source.train_y), minlength=k)
+    if d["profile"] == "natural":
+        return available.astype(np.int64)
     n_max = int(d.get("n_max") or available.max())
     counts = longtail_counts(k, n_max, float(d["imbalance_factor"]), d["profile"])
+    short = np.where(counts > available)[0]
+    if len(short):
+        c = int(short[0])
+        raise DataError(
+            f"dataset={d['name']} with n_max={n_max}, imbalance_factor={d['imbalance_factor']}, profile={d['profile']} "
+            f"asks for {int(counts[c])} training images of class {c} ({source.classes[c]!r}) but the data has only "
+            f"{int(available[c])}; lower dataset.n_max or use dataset.profile=natural (keep every image)")
+    return counts
+
+
+def build_split(source: SourceArrays, cfg: dict) -> FederatedSplit:
+    from fedlt.config import validate_data_size
+
+    d, p = cfg["dataset"], cfg["partition"]
+    k = source.num_classes
+    counts = profile_counts(source, d)
+    validate_data_size(cfg, int(counts.sum()))
     lt_idx = select_longtail(np.asarray(source.train_y), counts, seed=int(d.get("longtail_seed", 0)))
     lt_labels = np.asarray(source.train_y)[lt_idx]
-    params = {key: v for key, v in p.items() if key not in ("name", "min_samples_per_client", "max_attempts")}
+    params = {key: v for key, v in p.items() if key not in GUARD_PARAMS}
     parts = partition(lt_labels, int(cfg["num_clients"]), p["name"], seed=int(cfg["seed"]),
                       min_samples_per_client=int(p.get("min_samples_per_client", 0)),
                       max_attempts=int(p.get("max_attempts", 100)), **params)
     client_train = [lt_idx[part] for part in parts]
-    class_counts = np.stack([np.bincount(lt_labels[part], minlength=k) for part in parts])
+    rule = cfg["eval"]["local_test"]
+    train_y = np.asarray(source.train_y)
+    if rule == "holdout":
+        client_train, client_test = holdout_local_tests(client_train, float(cfg["eval"]["holdout_fraction"]),
+                                                        seed=int(cfg["seed"]))
+        class_counts = np.stack([np.bincount(train_y[t], minlength=k) for t in client_train])
+        return FederatedSplit(lt_idx, client_train, client_test, class_counts, counts, local_test_split="train")
+    class_counts = np.stack([np.bincount(train_y[t], minlength=k) for t in client_train])
     client_test = proportional_local_tests(class_counts, np.asarray(source.test_y), seed=int(cfg["seed"]))
     return FederatedSplit(lt_idx, client_train, client_test, class_counts, counts)
 
@@ -119,23 +154,47 @@ def prepare(cfg: dict) -> tuple[DataPlan, FederatedSplit, SourceArrays]:
         source_name=source.name, source_cache=source.cache_dir, split_path=str(path), mean=tuple(source.mean),
         std=tuple(source.std), num_classes=source.num_classes, num_clients=int(cfg["num_clients"]),
         augment_padding=int(aug.get("crop_padding", 0)), augment_hflip=bool(aug.get("hflip", False)),
+        label_suffix=source.label_suffix, local_test_split=split.local_test_split,
     )
     return plan, split, source
 
 
 def summary(split: FederatedSplit, source: SourceArrays, cfg: dict) -> dict:
-    """The ``partition.json`` content: what a user needs to check the split without training."""
-    d = cfg["dataset"]
+    """The ``partition.json`` content (also what ``fedlt-data`` prints): what a user needs to check the split
+    without training."""
+    from fedlt.eval.groups import SHOT_RULES, shot_groups
+
+    d, e = cfg["dataset"], cfg["eval"]
+    test_labels = np.asarray(source.train_y if split.local_test_split == "train" else source.test_y)
+    client_test_counts = [np.bincount(test_labels[t], minlength=source.num_classes).tolist()
+                          for t in split.client_test]
+    groups = {rule: shot_groups(split.global_counts, rule) for rule in SHOT_RULES}
+    local = {"rule": e["local_test"], "drawn_from": "test split" if split.local_test_split == "test"
+             else "each client's own training share (held out, removed from its training data)"}
+    if e["local_test"] == "holdout":
+        local["holdout_fraction"] = float(e["holdout_fraction"])
     return {
-        "dataset": d["name"], "classes": list(source.classes), "num_clients": len(split.client_train),
+        "dataset": d["name"], "source": source.name,
+        "source_info": {k: v for k, v in source.meta.items() if k in (
+            "source_path", "layout", "sha256", "known_copy", "label_type", "fingerprint")},
+        "classes": list(source.classes), "num_classes": source.num_classes,
+        "image_shape": list(source.image_shape), "mean": list(source.mean), "std": list(source.std),
+        "num_clients": len(split.client_train),
         "imbalance_factor": float(d["imbalance_factor"]), "imbalance_convention": IF_CONVENTION,
-        "profile": d["profile"], "partition": dict(cfg["partition"]), "seed": int(cfg["seed"]),
+        "profile": d["profile"], "n_max": int(split.global_counts.max()) if len(split.global_counts) else 0,
+        "partition": dict(cfg["partition"]), "seed": int(cfg["seed"]),
         "global_class_counts": split.global_counts.tolist(), "train_size": int(split.global_counts.sum()),
         "client_train_sizes": [int(len(t)) for t in split.client_train],
+        "client_num_classes": [int((row > 0).sum()) for row in split.class_counts],
         "client_class_counts": split.class_counts.tolist(),
-        "local_test": cfg["eval"]["local_test"],
+        "local_test": local,
         "client_test_sizes": [int(len(t)) for t in split.client_test],
+        "client_test_class_counts": client_test_counts,
+        "local_test_overlap": local_test_overlap(split.client_test),
         "test_size": int(len(source.test_y)),
+        "test_class_counts": np.bincount(np.asarray(source.test_y), minlength=source.num_classes).tolist(),
+        "shot_groups": groups,
+        "shot_group_sizes": {rule: {g: len(v) for g, v in gr.items()} for rule, gr in groups.items()},
     }
 
 
@@ -163,8 +222,8 @@ class ClientData:
 
 @lru_cache(maxsize=4)
 def _open(plan: DataPlan) -> tuple[SourceArrays, FederatedSplit]:
-    return open_cached_source(plan.source_cache, plan.source_name, plan.mean, plan.std), FederatedSplit.load(
-        plan.split_path)
+    source = open_cached_source(plan.source_cache, plan.source_name, plan.mean, plan.std, plan.label_suffix)
+    return source, FederatedSplit.load(plan.split_path)
 
 
 def client_data(plan: DataPlan, client_id: int) -> ClientData:
@@ -172,13 +231,15 @@ def client_data(plan: DataPlan, client_id: int) -> ClientData:
     source, split = _open(plan)
     tr, te = split.client_train[client_id], split.client_test[client_id]
     k = plan.num_classes
+    test_x_all, test_y_all = ((source.train_x, source.train_y) if split.local_test_split == "train"
+                              else (source.test_x, source.test_y))
     train_y = torch.from_numpy(np.array(source.train_y[tr], dtype=np.int64))
-    test_y = torch.from_numpy(np.array(source.test_y[te], dtype=np.int64))
+    test_y = torch.from_numpy(np.array(test_y_all[te], dtype=np.int64))
     return ClientData(
         client_id=client_id,
         train_x=torch.from_numpy(np.array(source.train_x[tr])),
         train_y=train_y,
-        test_x=to_float(torch.from_numpy(np.array(source.test_x[te])), plan.mean, plan.std),
+        test_x=to_float(torch.from_numpy(np.array(test_x_all[te])), plan.mean, plan.std),
         test_y=test_y,
         train_counts=torch.bincount(train_y, minlength=k),
         test_counts=torch.bincount(test_y, minlength=k),

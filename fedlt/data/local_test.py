@@ -31,3 +31,43 @@ def proportional_local_tests(
                 picked.append(rng.choice(by_class[c], size=t, replace=False))
         out.append(np.sort(np.concatenate(picked)) if picked else np.zeros(0, dtype=np.int64))
     return out
+
+
+def holdout_local_tests(client_train: list[np.ndarray], fraction: float, seed: int
+                        ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """PFLlib's rule (also FL-bench, FedLTLib, FedETF): each client holds out a random ``fraction`` of its own
+    training share as its local test set, and trains on the rest. Split sizes follow scikit-learn's
+    ``train_test_split(train_size=1 - fraction)`` (``floor((1 - fraction) * n)`` images kept for training), except
+    that a client always keeps at least one training image (a client with one image has no local test set).
+    Not stratified, as in PFLlib. Returns ``(train, test)`` per client; the two never share an image and the test
+    sets of different clients are disjoint.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"holdout fraction must be in (0, 1), got {fraction}")
+    train, test = [], []
+    for k, idx in enumerate(client_train):
+        idx = np.asarray(idx)
+        n = len(idx)
+        n_train = max(int(np.floor((1.0 - fraction) * n + 1e-9)), min(n, 1))
+        rng = np.random.default_rng(np.random.SeedSequence([seed, 0x401D, k]))
+        perm = rng.permutation(n)
+        train.append(np.sort(idx[perm[:n_train]]))
+        test.append(np.sort(idx[perm[n_train:]]))
+    return train, test
+
+
+LOCAL_TESTS = ("proportional", "holdout")  # eval.local_test
+
+
+def local_test_overlap(client_test: list[np.ndarray]) -> dict:
+    """How much the local test sets share images (the official proportional rule draws them independently per
+    client from one test split, so they overlap; holdout sets never do)."""
+    sizes = [len(t) for t in client_test]
+    allidx = np.concatenate([np.asarray(t, dtype=np.int64) for t in client_test]) if client_test else np.zeros(0, int)
+    _, mult = np.unique(allidx, return_counts=True)
+    return {
+        "total_size": int(sum(sizes)),
+        "distinct_images": int(len(mult)),
+        "images_in_several_clients": int((mult > 1).sum()),
+        "max_clients_per_image": int(mult.max()) if len(mult) else 0,
+    }

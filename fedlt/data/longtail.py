@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-PROFILES = ("exp", "step")
+PROFILES = ("exp", "step", "natural")  # natural: keep every training image (the data set's own distribution)
 IF_CONVENTION = "imbalance_factor = n_max / n_min (official FedLoGe code passes 1 / imbalance_factor)"
 
 

@@ -40,6 +40,7 @@ class SourceArrays:
     std: tuple[float, ...]
     cache_dir: str = ""
     meta: dict = field(default_factory=dict)
+    label_suffix: str = ""  # "" = the primary labels; "_coarse" = CIFAR-100 superclasses (train_y_coarse.npy)
 
     @property
     def num_classes(self) -> int:
@@ -62,20 +63,44 @@ def sha256_files(paths: list[Path]) -> str:
     return h.hexdigest()
 
 
+def sha256_file(path: Path) -> str:
+    """SHA-256 of one file's bytes (what ``sha256sum`` prints)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 ARRAY_NAMES = ("train_x", "train_y", "test_x", "test_y")
 
 
+def _array_names(arrays: dict) -> list[str]:
+    """The four required arrays plus any extra ``train_*`` / ``test_*`` arrays (e.g. coarse labels)."""
+    extra = sorted(k for k, v in arrays.items() if isinstance(v, np.ndarray) and k.startswith(("train_", "test_"))
+                   and k not in ARRAY_NAMES)
+    return [*ARRAY_NAMES, *extra]
+
+
 def cached_arrays(cache_root: Path, key: str, decode: Callable[[], dict]) -> tuple[dict, Path]:
-    """Return the arrays cached under ``cache_root/key`` (memory-mapped), decoding them first if absent."""
+    """Return the arrays cached under ``cache_root/key`` (memory-mapped), decoding them first if absent.
+
+    ``decode()`` returns the four arrays of :data:`ARRAY_NAMES` (plus optional extra ``train_*``/``test_*``
+    arrays), ``classes`` and an optional JSON-able ``meta`` dict. Everything is written to a temporary folder
+    that is renamed into place only when complete; on any error (or Ctrl-C) the temporary folder is removed.
+    """
     target = cache_root / key
     if not (target / "meta.json").exists():
         cache_root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=cache_root))
         try:
             arrays = decode()
-            for n in ARRAY_NAMES:
+            names = _array_names(arrays)
+            for n in names:
                 np.save(tmp / f"{n}.npy", np.ascontiguousarray(arrays[n]))
-            (tmp / "meta.json").write_text(json.dumps({"classes": list(arrays["classes"]), **arrays.get("meta", {})}))
+            meta = {"classes": list(arrays["classes"]), **arrays.get("meta", {}), "arrays": names}
+            (tmp / "meta.json").write_text(json.dumps(meta))
+            tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared like any other
             try:
                 os.replace(tmp, target)
             except OSError:  # another process won the race; its copy is identical
@@ -83,8 +108,8 @@ def cached_arrays(cache_root: Path, key: str, decode: Callable[[], dict]) -> tup
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    out = {n: np.load(target / f"{n}.npy", mmap_mode="r") for n in ARRAY_NAMES}
     meta = json.loads((target / "meta.json").read_text())
+    out = {n: np.load(target / f"{n}.npy", mmap_mode="r") for n in meta.pop("arrays", ARRAY_NAMES)}
     out["classes"] = meta.pop("classes")
     out["meta"] = meta
     return out, target
@@ -195,13 +220,30 @@ def load_fmnist(cfg: dict, data_root: str | None, cache_dir: Path) -> SourceArra
     )
 
 
+def _lazy(module: str, attr: str) -> Callable[[dict, str | None, Path], SourceArrays]:
+    """A loader imported on first use (keeps Pillow etc. out of runs that don't need them; no import cycles)."""
+
+    def load(cfg: dict, data_root: str | None, cache_dir: Path) -> SourceArrays:
+        import importlib
+
+        return getattr(importlib.import_module(module), attr)(cfg, data_root, cache_dir)
+
+    load.__name__ = attr
+    return load
+
+
 SOURCES: dict[str, Callable[[dict, str | None, Path], SourceArrays]] = {
     "fmnist": load_fmnist,
+    "cifar10": _lazy("fedlt.data.cifar", "load_cifar10"),  # official pickles / tar.gz, or an image folder / zip
+    "cifar100": _lazy("fedlt.data.cifar", "load_cifar100"),
+    "imagefolder": _lazy("fedlt.data.imagefolder", "load_imagefolder"),  # any {train,test}/<class>/<image> data
+    "synthetic": _lazy("fedlt.data.synthetic", "load_synthetic"),  # seeded learnable prototypes, 100+ classes
 }
 
 
 def load_source(cfg: dict, data_root: str | None, cache_dir: str | Path) -> SourceArrays:
-    """Load the source named by ``cfg['source']``; normalisation statistics come from the config when given."""
+    """Load the source named by ``cfg['source']``; normalisation statistics come from the config when given
+    (``null`` keeps the source's own, e.g. statistics computed from the decoded training images)."""
     name = cfg["source"]
     if name not in SOURCES:
         raise DataError(f"unknown dataset source {name!r}; allowed: {', '.join(sorted(SOURCES))}")
@@ -210,13 +252,21 @@ def load_source(cfg: dict, data_root: str | None, cache_dir: str | Path) -> Sour
         src.mean = tuple(float(v) for v in cfg["mean"])
     if cfg.get("std") is not None:
         src.std = tuple(float(v) for v in cfg["std"])
+    channels = src.train_x.shape[-1]
+    if len(src.mean) != channels or len(src.std) != channels:
+        raise DataError(f"dataset.mean / dataset.std have {len(src.mean)} / {len(src.std)} values but the images of "
+                        f"dataset={cfg.get('name', name)} have {channels} channel(s); give one value per channel "
+                        f"(or null to use the statistics of the decoded training images)")
     return src
 
 
-def open_cached_source(cache_path: str, name: str, mean, std) -> SourceArrays:
-    """Re-open an already decoded source from its cache folder (what client actors do: no search, no hashing)."""
+def open_cached_source(cache_path: str, name: str, mean, std, label_suffix: str = "") -> SourceArrays:
+    """Re-open an already decoded source from its cache folder (what client actors do: no search, no hashing).
+    ``label_suffix`` selects an alternative label set stored beside the images (``_coarse``)."""
     p = Path(cache_path)
-    arrays = {n: np.load(p / f"{n}.npy", mmap_mode="r") for n in ARRAY_NAMES}
     meta = json.loads((p / "meta.json").read_text())
-    return SourceArrays(name=name, classes=meta["classes"], mean=tuple(mean), std=tuple(std), cache_dir=str(p),
-                        **arrays)
+    arrays = {n: np.load(p / f"{n}{label_suffix if n.endswith('_y') else ''}.npy", mmap_mode="r")
+              for n in ARRAY_NAMES}
+    classes = meta.get(f"classes{label_suffix}", meta["classes"]) if label_suffix else meta["classes"]
+    return SourceArrays(name=name, classes=classes, mean=tuple(mean), std=tuple(std), cache_dir=str(p),
+                        label_suffix=label_suffix, **arrays)

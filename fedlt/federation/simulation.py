@@ -47,11 +47,18 @@ def backend_config(cfg: dict) -> dict:
 
 
 def prepare_run(cfg: dict, run_dir: Path):
-    """Everything before Ray: data (may raise DataError / PartitionError), partition.json."""
+    """Everything before Ray: data (may raise DataError / PartitionError), partition.json, partition.png."""
     plan, split, source = prepare(cfg)
     validate_data_size(cfg, int(split.global_counts.sum()))
     validate_strategy_data(cfg, plan.num_classes)
-    write_json_atomic(run_dir / "partition.json", summary(split, source, cfg))
+    split_summary = summary(split, source, cfg)
+    write_json_atomic(run_dir / "partition.json", split_summary)
+    try:
+        from fedlt.data.figure import write_partition_figure
+
+        write_partition_figure(split_summary, run_dir / "partition.png")
+    except Exception as e:  # noqa: BLE001 -- a missing figure must not stop a run
+        log.warning("partition.png not written: %s", e)
     return plan, split, source
 
 
