@@ -213,6 +213,38 @@ def test_bad_fedloge_options_are_refused():
     Server.validate_data(compose("strategy=fedloge", "model=resnet34"), num_classes=100)  # 512 >= 100
 
 
+OFFICIAL = {"seed": 3407, "num_rounds": 500, "local_epochs": 5, "batch_size": 8}
+PRESETS = [(f"fedloge_{ds}_a{a}_if{f}", ds, a, f, 40, 0.3) for ds in ("cifar10", "cifar100") for a in ("0.5", "1")
+           for f in (50, 100)]
+PRESETS += [("fedloge_cifar10_a0.5_if100_p0.2", "cifar10", "0.5", 100, 40, 0.2),
+            ("fedloge_cifar100_a0.5_if100_p0.2", "cifar100", "0.5", 100, 20, 0.2)]
+
+
+@pytest.mark.parametrize("name,ds,alpha,imb,clients,participation", PRESETS, ids=[p[0] for p in PRESETS])
+def test_presets_encode_the_official_protocol_for_any_strategy(name, ds, alpha, imb, clients, participation):
+    cfg = compose(f"experiment={name}")
+    assert {k: cfg[k] for k in OFFICIAL} == OFFICIAL
+    assert cfg["optimizer"] == {"lr": 0.03, "momentum": 0.5, "weight_decay": 0.0}
+    assert (cfg["dataset"]["name"], cfg["dataset"]["imbalance_factor"], cfg["partition"]["alpha"]) == (
+        f"{ds}_lt", imb, float(alpha))
+    assert (cfg["num_clients"], cfg["participation"], cfg["eval"]["every"]) == (clients, participation, 10)
+    assert cfg["model"]["name"] == ("resnet18" if ds == "cifar10" else "resnet34")
+    assert cfg["strategy"]["name"] == "fedloge"
+    other = compose(f"experiment={name}", "strategy=fedavg")  # the same protocol for another method
+    assert other["strategy"]["name"] == "fedavg"
+    assert {k: v for k, v in other.items() if k != "strategy"} == {k: v for k, v in cfg.items() if k != "strategy"}
+
+
+@pytest.mark.parametrize("name", ["cifar10_lt_cpu", "cifar100_lt_cpu"])
+def test_cpu_presets_keep_the_official_rhythm(name):
+    cfg = compose(f"experiment={name}")
+    assert (cfg["local_epochs"], cfg["batch_size"], cfg["seed"], cfg["num_clients"]) == (5, 8, 3407, 40)
+    assert cfg["optimizer"] == {"lr": 0.03, "momentum": 0.5, "weight_decay": 0.0}
+    assert cfg["model"]["name"] == "resnet8" and cfg["model"]["widths"][-1] == 256  # d = 256 >= K
+    Server.validate_data(cfg, num_classes=100)
+    assert compose(f"experiment={name}", "strategy=fedavg")["strategy"]["name"] == "fedavg"
+
+
 # ------------------------------------------------------------------------------------------------ Flower path
 
 TINY = ("experiment=smoke", "strategy=fedloge", "num_clients=4", "participation=0.5", "strategy.refine_steps=200",
