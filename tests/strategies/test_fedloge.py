@@ -213,6 +213,17 @@ def test_bad_fedloge_options_are_refused():
     Server.validate_data(compose("strategy=fedloge", "model=resnet34"), num_classes=100)  # 512 >= 100
 
 
+@needs_fmnist
+def test_too_narrow_features_are_refused_once_the_data_are_known(tmp_path):
+    """The driver checks d >= K right after loading the data, before Ray starts (fedlt.config hook)."""
+    from fedlt.federation.simulation import prepare_run
+
+    cfg = compose("experiment=smoke", "strategy=fedloge", "model.feature_dim=8")
+    with pytest.raises(ConfigError, match="model=cnn has 8-d features but dataset=fmnist_lt has 10 classes"):
+        prepare_run(cfg, tmp_path)
+    assert not (tmp_path / "partition.json").exists()
+
+
 OFFICIAL = {"seed": 3407, "num_rounds": 500, "local_epochs": 5, "batch_size": 8}
 PRESETS = [(f"fedloge_{ds}_a{a}_if{f}", ds, a, f, 40, 0.3) for ds in ("cifar10", "cifar100") for a in ("0.5", "1")
            for f in (50, 100)]
