@@ -172,6 +172,12 @@ def test_personalized_predictors_are_phi_plus_norm_transferred_psi():
         torch.testing.assert_close(preds["phi_plus_psi"](h), phi + psi)
         torch.testing.assert_close(preds["sse_c"](h), 0.1 * h + torch.tensor([0.01, -0.01]))
     assert net.backbone.calls == 1  # one backbone pass shared by the three predictors
+    from fedlt.eval.predict import predict_logits
+
+    x = torch.rand(10, 2)
+    for fn in FedLoGeClient(ctx.cfg).predictors(ctx).values():  # as the ClientApp evaluates: batch by batch
+        predict_logits(fn, x, batch_size=4)
+    assert net.backbone.calls == 1 + 3  # 3 batches, each through the backbone once for all predictors
 
 
 @pytest.mark.parametrize("primary", ["psi_realigned", "sse_c", "psi"])
