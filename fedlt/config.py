@@ -204,3 +204,13 @@ def validate_data_size(cfg: dict, train_size: int) -> None:
             f"(imbalance_factor={cfg['dataset']['imbalance_factor']}) has only {train_size} samples, so at most "
             f"{train_size} clients are possible; lower num_clients or the imbalance factor."
         )
+
+
+def validate_strategy_data(cfg: dict, num_classes: int) -> None:
+    """After the data are loaded (still before Ray starts): the strategy's data-dependent checks, through its
+    optional ``validate_data(cfg, num_classes)`` staticmethod (e.g. FedLoGe's d x K ETF needs d >= K)."""
+    from strategies import get_strategy
+
+    hook = getattr(get_strategy(cfg["strategy"]["name"]), "validate_data", None)
+    if hook is not None:
+        hook(cfg, num_classes)

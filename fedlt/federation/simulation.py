@@ -9,7 +9,7 @@ import os
 import time
 from pathlib import Path
 
-from fedlt.config import validate_data_size
+from fedlt.config import validate_data_size, validate_strategy_data
 from fedlt.data.federated import prepare, summary
 from fedlt.runlog import RunLogger, write_json_atomic
 
@@ -62,6 +62,7 @@ def prepare_run(cfg: dict, run_dir: Path):
                                                 d["profile"]).sum()))
     plan, split, source = prepare(cfg)
     validate_data_size(cfg, int(split.global_counts.sum()))
+    validate_strategy_data(cfg, plan.num_classes)
     split_summary = summary(split, source, cfg)
     write_json_atomic(run_dir / "partition.json", split_summary)
     try:
