@@ -69,6 +69,7 @@ def validate(cfg: dict) -> dict:
     from fedlt.data.partition import PARTITIONERS
     from fedlt.data.sources import SOURCES
     from fedlt.models import MODELS
+    from fedlt.train.losses import validate_loss
     from strategies import STRATEGIES, get_strategy
 
     check_int(cfg, "seed", 0, 2**32 - 1)
@@ -93,6 +94,7 @@ def validate(cfg: dict) -> dict:
     check_int(cfg, "partition.min_samples_per_client", 0)
     check_choice(cfg, "model.name", MODELS)
     check_choice(cfg, "strategy.name", sorted(STRATEGIES))
+    validate_loss(cfg)
     b = "backend"
     check_float(cfg, f"{b}.num_cpus_per_client", 0.0, lo_open=True)
     check_float(cfg, f"{b}.num_gpus_per_client", 0.0)

@@ -79,8 +79,10 @@ class ClientAlgorithm:
 
     # ---------------------------------------------------------------------------------------- training
     def loss_fn(self, ctx: ClientContext):
-        """The client loss selected with ``loss=NAME`` (built on this client's class counts)."""
-        return build_loss(ctx.cfg.get("loss"), counts=ctx.data.train_counts.float())
+        """The client loss selected with ``loss=NAME`` (built on this client's class counts; the round drives
+        schedules such as LDAM's deferred re-weighting)."""
+        return build_loss(ctx.cfg.get("loss"), counts=ctx.data.train_counts.float(), round=ctx.round,
+                          num_rounds=int(ctx.cfg["num_rounds"]))
 
     def local_epochs(self, ctx: ClientContext, model: nn.Module, params, extra=None, epochs=None) -> dict:
         """Plain supervised local SGD on ``params`` of ``model`` with the run's optimizer settings."""
