@@ -45,6 +45,9 @@ class ClientContext:
     generator: torch.Generator
     state: dict[str, torch.Tensor] = field(default_factory=dict)
     device: str = "cpu"
+    # extra arrays for this train reply besides the shared model state (e.g. CReFF's per-class gradients), under
+    # keys that are not model keys; the server side must remove them before averaging
+    uploads: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def strategy(self) -> dict:

@@ -125,6 +125,7 @@ def make_client_app(cfg: dict, plan: DataPlan) -> ClientApp:
         sd = rt.model.state_dict()
         shared = {k: v.detach().cpu().clone() for k, v in sd.items()
                   if not has_prefix(k, algo.personal_prefixes) and not has_prefix(k, algo.frozen_prefixes)}
+        shared.update({k: v.detach().cpu().clone() for k, v in ctx.uploads.items()})
         personal = {k: v.detach().cpu().clone() for k, v in sd.items() if has_prefix(k, algo.personal_prefixes)}
         if personal:
             context.state[PERSONAL] = ArrayRecord(personal)
