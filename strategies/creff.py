@@ -162,7 +162,13 @@ class Server(FedLTStrategy):
                 loss.backward()
                 opt.step()
         self.federated_features = feats.detach()
-        return float(loss)
+        return float(loss.detach())
+
+    def fresh_classifier(self, server_round: int, feature_dim: int, num_classes: int) -> nn.Linear:
+        """The re-training's starting point: a newly initialised Linear layer (seeded by round), as officially."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(int(self.cfg["seed"]), CREFF_STREAM, server_round))
+            return nn.Linear(feature_dim, num_classes)
 
     def retrain_classifier(self, server_round: int) -> nn.Linear:
         """A fresh linear classifier trained on the (class-balanced) federated features."""
@@ -170,11 +176,8 @@ class Server(FedLTStrategy):
         feats = self.federated_features
         k = self.sent_head[0].shape[0]
         labels = self.feature_labels(k)
-        seed = derive_seed(int(self.cfg["seed"]), CREFF_STREAM, server_round)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            head = nn.Linear(feats.shape[1], k)
-        g = torch.Generator().manual_seed(seed)
+        head = self.fresh_classifier(server_round, feats.shape[1], k)
+        g = torch.Generator().manual_seed(derive_seed(int(self.cfg["seed"]), CREFF_STREAM, server_round))
         opt = torch.optim.SGD(head.parameters(), lr=float(s["retrain_lr"]))
         batch = int(s["retrain_batch_size"])
         for _ in range(int(s["retrain_epochs"])):

@@ -18,6 +18,15 @@ from fedlt.seeding import INIT, derive_seed
 NUM_CLASSES = 4
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models: one thread is fastest, and multi-threaded torch stalls on a busy 2-core machine."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(autouse=True)
 def flower_task_identity():
     """Messages built by hand (outside a ServerApp) need Flower's per-process task identity."""
