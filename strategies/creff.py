@@ -19,8 +19,10 @@
   = FedAvg body + FedAvg head.
 
 Defaults are the official ones (100 features/class, 100 matching steps, lr 0.1; 300 re-training epochs, lr 0.01,
-batch 32; 10 x 32 images per class). The gradient computation costs each sampled client about one extra
-forward-only pass over 10 x 32 images per class it holds; lower ``grad_repeats`` to make it cheaper on CPU.
+batch 32; 10 x 32 images per class). Costs: each sampled client runs an extra forward-only pass over up to
+10 x 32 images per class it holds (lower ``grad_repeats`` to make it cheaper); the server step takes about 1 s
+per round on one CPU core for 10 classes (ResNet-8, d = 256) but ~1 min for 100 classes with d = 512 (18 s
+matching, 40 s re-training: 300 x 313 SGD steps); ``retrain_epochs`` / ``match_steps`` trade it off.
 """
 
 from __future__ import annotations
@@ -178,16 +180,20 @@ class Server(FedLTStrategy):
         labels = self.feature_labels(k)
         head = self.fresh_classifier(server_round, feats.shape[1], k)
         g = torch.Generator().manual_seed(derive_seed(int(self.cfg["seed"]), CREFF_STREAM, server_round))
-        opt = torch.optim.SGD(head.parameters(), lr=float(s["retrain_lr"]))
-        batch = int(s["retrain_batch_size"])
-        for _ in range(int(s["retrain_epochs"])):
-            perm = torch.randperm(len(labels), generator=g)
-            for start in range(0, len(perm), batch):
-                idx = perm[start:start + batch]
-                loss = F.cross_entropy(head(feats[idx]), labels[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
+        lr, batch = float(s["retrain_lr"]), int(s["retrain_batch_size"])
+        weight, bias = head.weight.detach().clone(), head.bias.detach().clone()
+        onehot = F.one_hot(labels, k).to(feats.dtype)
+        with torch.no_grad():  # plain SGD on mean CE, with the closed-form gradient (~10x faster than autograd)
+            for _ in range(int(s["retrain_epochs"])):
+                perm = torch.randperm(len(labels), generator=g)
+                for start in range(0, len(perm), batch):
+                    idx = perm[start:start + batch]
+                    x = feats[idx]
+                    err = torch.softmax(x @ weight.T + bias, dim=1) - onehot[idx]
+                    weight -= lr * (err.T @ x) / len(idx)
+                    bias -= lr * err.mean(0)
+            head.weight.copy_(weight)
+            head.bias.copy_(bias)
         return head
 
     # ------------------------------------------------------------------------------- evaluation

@@ -120,3 +120,25 @@ def test_federated_features_survive_server_state_round_trip():
     other = Server(CFG)
     other.load_server_state(state)
     assert torch.equal(other.federated_features, server.federated_features)
+
+
+def test_closed_form_retraining_is_plain_sgd_on_cross_entropy():
+    from fedlt.seeding import derive_seed
+    from strategies.creff import CREFF_STREAM
+
+    server = Server(CFG)
+    server.federated_features = torch.randn(4 * 20, 8)
+    server.sent_head = (torch.zeros(4, 8), torch.zeros(4))
+    got = server.retrain_classifier(3)
+    head = server.fresh_classifier(3, 8, 4)
+    opt = torch.optim.SGD(head.parameters(), lr=STRATEGY["retrain_lr"])
+    g = torch.Generator().manual_seed(derive_seed(CFG["seed"], CREFF_STREAM, 3))
+    labels = server.feature_labels(4)
+    for _ in range(STRATEGY["retrain_epochs"]):
+        perm = torch.randperm(len(labels), generator=g)
+        for start in range(0, len(perm), STRATEGY["retrain_batch_size"]):
+            idx = perm[start:start + STRATEGY["retrain_batch_size"]]
+            opt.zero_grad()
+            F.cross_entropy(head(server.federated_features[idx]), labels[idx]).backward()
+            opt.step()
+    assert torch.allclose(got.weight, head.weight, atol=1e-5) and torch.allclose(got.bias, head.bias, atol=1e-5)
