@@ -71,6 +71,7 @@ def validate(cfg: dict) -> dict:
     from fedlt.data.sources import SOURCES
     from fedlt.data.validate import validate_data
     from fedlt.models import MODELS
+    from fedlt.train.losses import validate_loss
     from strategies import STRATEGIES, get_strategy
 
     check_int(cfg, "seed", 0, 2**32 - 1)
@@ -102,6 +103,7 @@ def validate(cfg: dict) -> dict:
     validate_data(cfg)  # the remaining dataset.* / partition.* / holdout options (fedlt/data/validate.py)
     check_choice(cfg, "model.name", MODELS)
     check_choice(cfg, "strategy.name", sorted(STRATEGIES))
+    validate_loss(cfg)
     b = "backend"
     check_float(cfg, f"{b}.num_cpus_per_client", 0.0, lo_open=True)
     check_float(cfg, f"{b}.num_gpus_per_client", 0.0)

@@ -45,6 +45,9 @@ class ClientContext:
     generator: torch.Generator
     state: dict[str, torch.Tensor] = field(default_factory=dict)
     device: str = "cpu"
+    # extra arrays for this train reply besides the shared model state (e.g. CReFF's per-class gradients), under
+    # keys that are not model keys; the server side must remove them before averaging
+    uploads: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def strategy(self) -> dict:
@@ -79,8 +82,10 @@ class ClientAlgorithm:
 
     # ---------------------------------------------------------------------------------------- training
     def loss_fn(self, ctx: ClientContext):
-        """The client loss selected with ``loss=NAME`` (built on this client's class counts)."""
-        return build_loss(ctx.cfg.get("loss"), counts=ctx.data.train_counts.float())
+        """The client loss selected with ``loss=NAME`` (built on this client's class counts; the round drives
+        schedules such as LDAM's deferred re-weighting)."""
+        return build_loss(ctx.cfg.get("loss"), counts=ctx.data.train_counts.float(), round=ctx.round,
+                          num_rounds=int(ctx.cfg["num_rounds"]))
 
     def local_epochs(self, ctx: ClientContext, model: nn.Module, params, extra=None, epochs=None) -> dict:
         """Plain supervised local SGD on ``params`` of ``model`` with the run's optimizer settings."""

@@ -243,6 +243,7 @@ def make_client_app(cfg: dict, plan: DataPlan) -> ClientApp:
         sd = rt.model.state_dict()
         shared = {k: v.detach().cpu().clone() for k, v in sd.items()
                   if not has_prefix(k, algo.personal_prefixes) and not has_prefix(k, algo.frozen_prefixes)}
+        shared.update({k: v.detach().cpu().clone() for k, v in ctx.uploads.items()})
         if fault == "nan":
             for v in shared.values():
                 if v.is_floating_point():

@@ -1,8 +1,18 @@
-"""Client losses, selectable for any strategy with ``loss=NAME``. Each takes (logits, targets) and may use
-the client's per-class training counts (``counts``), given when the loss is built."""
+"""Client losses, selectable for any strategy with ``loss=NAME`` (configs/loss/). Each is built once per local
+update on the client's per-class training ``counts`` (a float tensor, one entry per class; zero for classes the
+client does not hold) and returns ``fn(logits, targets) -> scalar``.
+
+Classes with zero local count never occur as targets; where a loss needs a per-class quantity that is undefined
+for them (log n, n^(-1/4), effective numbers) they are *excluded* (log n = -inf, i.e. the class gets no
+probability mass in the training softmax) or given a neutral value; each builder says which. Strategies whose
+method is defined by a loss (FedRoD, FedETF: balanced softmax; FedLC: logit calibration) call the builders here.
+
+Notation (fedloge-protocol.md §10.9): n_c local counts, pi_c = n_c / sum(n), z logits, y targets.
+"""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -11,16 +21,186 @@ import torch.nn.functional as F
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def cross_entropy(counts: torch.Tensor | None = None, **_) -> LossFn:
+def _counts(counts: torch.Tensor | None, name: str) -> torch.Tensor:
+    if counts is None:
+        raise ValueError(f"loss {name!r} needs the client's per-class counts")
+    return torch.as_tensor(counts, dtype=torch.float32)
+
+
+def log_prior(counts: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+    """tau * log(n_c / sum n) per class, -inf for classes with no samples (and 0 everywhere when tau == 0, so
+    that 0 * log 0 does not become NaN)."""
+    n = _counts(counts, "log_prior")
+    if tau == 0:
+        return torch.zeros_like(n)
+    out = torch.full_like(n, float("-inf"))
+    present = n > 0
+    out[present] = tau * torch.log(n[present] / n.sum())
+    return out
+
+
+def effective_number_weights(counts: torch.Tensor, beta: float) -> torch.Tensor:
+    """Cui et al. (2019): w_c = (1 - beta) / (1 - beta^n_c), normalised so that the classes present sum to their
+    number (beta = 0 gives 1 for every present class). Absent classes get weight 0 (they are never targets)."""
+    n = _counts(counts, "class_balanced")
+    present = n > 0
+    w = torch.zeros_like(n)
+    w[present] = (1.0 - beta) / (1.0 - torch.pow(torch.tensor(beta), n[present])) if beta > 0 else 1.0
+    if present.any():
+        w[present] = w[present] / w[present].sum() * present.sum()
+    return w
+
+
+# ------------------------------------------------------------------------------------------------- losses
+def cross_entropy(**_) -> LossFn:
+    """Plain softmax cross-entropy."""
     return F.cross_entropy
 
 
-LOSSES: dict[str, Callable[..., LossFn]] = {"ce": cross_entropy}
+def logit_adjustment(counts: torch.Tensor | None = None, tau: float = 1.0, **_) -> LossFn:
+    """Logit-adjusted loss (Menon et al., 2021), loss form: CE(z + tau * log pi, y). Classes absent locally get
+    -inf (excluded from the softmax). At test time the plain logits z are used."""
+    adjust = log_prior(counts, float(tau))
+
+    def loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits + adjust.to(logits.device), y)
+
+    return loss
 
 
-def build_loss(cfg: dict | None, counts: torch.Tensor | None = None) -> LossFn:
+def balanced_softmax(counts: torch.Tensor | None = None, **_) -> LossFn:
+    """Balanced softmax (Ren et al., 2020): CE(z + log n, y) -- identical to logit adjustment with tau = 1 (the
+    constant log sum(n) cancels in the softmax). Used with local counts by FedRoD and FedETF."""
+    return logit_adjustment(counts, tau=1.0)
+
+
+def focal(counts: torch.Tensor | None = None, gamma: float = 2.0, weights: torch.Tensor | None = None,
+          **_) -> LossFn:
+    """Focal loss (Lin et al., 2017): -(1 - p_y)^gamma log p_y, averaged over the batch (optionally weighted
+    per class, see ``class_balanced``). gamma = 0 is cross-entropy."""
+    gamma = float(gamma)
+
+    def loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logp_y = F.log_softmax(logits, dim=1).gather(1, y[:, None]).squeeze(1)
+        per_sample = -((1.0 - logp_y.exp()).clamp(min=0) ** gamma) * logp_y if gamma else -logp_y
+        if weights is not None:
+            per_sample = per_sample * weights.to(logits.device)[y]
+        return per_sample.mean()
+
+    return loss
+
+
+def class_balanced(counts: torch.Tensor | None = None, beta: float = 0.999, base: str = "ce", gamma: float = 2.0,
+                   **_) -> LossFn:
+    """Class-balanced loss (Cui et al., 2019): the per-sample ``base`` loss (ce or focal) times the
+    effective-number weight of its class, averaged over the batch (weights sum to the number of classes present,
+    as in the paper)."""
+    weights = effective_number_weights(counts, float(beta))
+    return focal(gamma=float(gamma) if base == "focal" else 0.0, weights=weights)
+
+
+def ldam_drw(counts: torch.Tensor | None = None, max_margin: float = 0.5, scale: float = 30.0,
+             drw_start: float = 0.8, drw_beta: float = 0.9999, round: int | None = None,
+             num_rounds: int | None = None, **_) -> LossFn:
+    """LDAM (Cao et al., 2019) with deferred re-weighting: subtract the margin C / n_y^(1/4) from the true-class
+    logit (C such that the largest margin over the classes present is ``max_margin``), scale the logits by
+    ``scale`` and apply CE. DRW: from round floor(drw_start * num_rounds) + 1 on (the official 160-of-200-epochs
+    schedule is drw_start = 0.8), the CE is weighted by effective-number class weights (beta ``drw_beta``) and
+    normalised by the batch's total weight, as the official code does. drw_start >= 1 never re-weights."""
+    n = _counts(counts, "ldam_drw")
+    present = n > 0
+    margins = torch.zeros_like(n)
+    margins[present] = n[present] ** -0.25
+    if present.any():
+        margins = margins * (float(max_margin) / margins[present].max())
+    drw = round is not None and num_rounds is not None and (round - 1) >= float(drw_start) * num_rounds
+    weights = effective_number_weights(n, float(drw_beta)) if drw else None
+    s = float(scale)
+
+    def loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        m = margins.to(logits.device)[y]
+        adjusted = logits - F.one_hot(y, logits.shape[1]).to(logits.dtype) * m[:, None]
+        return F.cross_entropy(s * adjusted, y, weight=None if weights is None else weights.to(logits.device))
+
+    return loss
+
+
+def calibration_offsets(counts: torch.Tensor, tau: float) -> torch.Tensor:
+    """FedLC's per-class offsets tau * n_c^(-1/4); +inf for classes with no local samples (the limit of "the
+    rarer the class, the larger the offset", and what FL-bench / PFLlib compute: pow(0, -1/4) = inf), so
+    those classes are excluded from the calibrated softmax. tau = 0 gives no offsets."""
+    n = _counts(counts, "logit_calibration")
+    if tau == 0:
+        return torch.zeros_like(n)
+    out = torch.full_like(n, float("inf"))
+    present = n > 0
+    out[present] = tau * n[present] ** -0.25
+    return out
+
+
+def logit_calibration(counts: torch.Tensor | None = None, tau: float = 1.0, **_) -> LossFn:
+    """FedLC (Zhang et al., 2022) as FL-bench and PFLlib implement it: standard softmax CE on the calibrated
+    logits z - tau * n^(-1/4). (The paper's pairwise form, which drops the target class from the denominator,
+    was reported unstable by the FL-bench maintainer; see fedloge-protocol.md §10.6.)"""
+    offsets = calibration_offsets(counts, float(tau))
+
+    def loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits - offsets.to(logits.device), y)
+
+    return loss
+
+
+LOSSES: dict[str, Callable[..., LossFn]] = {
+    "ce": cross_entropy,
+    "balanced_softmax": balanced_softmax,
+    "logit_adjustment": logit_adjustment,
+    "focal": focal,
+    "class_balanced": class_balanced,
+    "ldam_drw": ldam_drw,
+    "logit_calibration": logit_calibration,
+}
+
+# Options a user may set per loss (what configs/loss/<name>.yaml defines); anything else is a config error.
+_CONTEXT = ("counts", "round", "num_rounds", "weights")
+
+
+def loss_options(name: str) -> tuple[str, ...]:
+    params = inspect.signature(LOSSES[name]).parameters
+    return tuple(p for p, v in params.items() if p not in _CONTEXT and v.kind is v.POSITIONAL_OR_KEYWORD)
+
+
+def build_loss(cfg: dict | None, counts: torch.Tensor | None = None, round: int | None = None,
+               num_rounds: int | None = None) -> LossFn:
+    """The loss ``cfg["name"]`` with its options, on this client's counts (``round``/``num_rounds`` drive
+    schedules such as DRW)."""
     cfg = dict(cfg or {"name": "ce"})
     name = cfg.pop("name", "ce")
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; allowed: {', '.join(sorted(LOSSES))}")
-    return LOSSES[name](counts=counts, **cfg)
+    return LOSSES[name](counts=counts, round=round, num_rounds=num_rounds, **cfg)
+
+
+def validate_loss(cfg: dict) -> None:
+    """Config checks for the ``loss`` group (called by fedlt.config.validate)."""
+    from fedlt.config import ConfigError, check_choice, check_float
+
+    loss = cfg.get("loss") or {"name": "ce"}
+    if not isinstance(loss, dict) or "name" not in loss:
+        raise ConfigError(f"invalid value loss={loss!r}: choose a loss with loss=NAME, one of "
+                          f"{', '.join(sorted(LOSSES))}.")
+    name = check_choice(cfg, "loss.name", sorted(LOSSES))
+    allowed = loss_options(name)
+    unknown = sorted(set(loss) - {"name", *allowed})
+    if unknown:
+        raise ConfigError(f"invalid option loss.{unknown[0]} for loss={name}: its options are "
+                          f"{', '.join(allowed) or 'none'}.")
+    bounds = {"tau": (0.0, None, False, False), "gamma": (0.0, None, False, False),
+              "beta": (0.0, 1.0, False, True), "drw_beta": (0.0, 1.0, False, True),
+              "max_margin": (0.0, None, True, False), "scale": (0.0, None, True, False),
+              "drw_start": (0.0, None, False, False)}
+    for key in allowed:
+        if key in loss and key in bounds:
+            lo, hi, lo_open, hi_open = bounds[key]
+            check_float(cfg, f"loss.{key}", lo, hi, lo_open=lo_open, hi_open=hi_open)
+    if "base" in loss:
+        check_choice(cfg, "loss.base", ("ce", "focal"))

@@ -1,0 +1,76 @@
+"""FedRoD (Chen & Chao, 2022), the paper's form (as PFLlib implements it; fedloge-protocol.md §10.1, §9).
+
+One body, two heads. Per local batch, with f = body(x):
+  * generic: the body and the generic head ``head`` minimise the balanced softmax CE(head(f) + log n, y) on the
+    client's own class counts n (fedlt.train.losses.balanced_softmax); both are averaged as in FedAvg;
+  * personal: ``personal_head`` (kept per client, never uploaded) sits on the *detached* features and
+    minimises CE(head(f).detach() + personal_head(f.detach()), y); it does not train the body.
+FL-bench differs: its personal head trains on its own logits and both losses reach the body; we keep the paper's.
+The optional hypernetwork for unseen clients is not implemented.
+
+Predictors: personalized ``personal`` = generic + personal logits (primary) and ``generic_head`` = the generic
+head alone on the client's test; generic = body + generic head. The loss is defined by the method, so
+``loss=`` must stay ``ce``."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedlt.federation.algorithm import ClientAlgorithm, ClientContext
+from fedlt.federation.strategy import FedLTStrategy
+from fedlt.train.local import run_local_epochs, sgd
+from fedlt.train.losses import balanced_softmax
+from strategies._common import require_ce
+
+
+class FedRoDClient(ClientAlgorithm):
+    personal_prefixes = ("personal_head.",)
+
+    @classmethod
+    def personalization_stage(cls, cfg: dict) -> str:
+        return "after"  # the personal head
+
+    @staticmethod
+    def build_model(base: nn.Module, cfg: dict) -> nn.Module:
+        base.personal_head = copy.deepcopy(base.head)
+        return base
+
+    def train(self, ctx: ClientContext) -> dict[str, float]:
+        model = ctx.model.train()
+        generic_loss = balanced_softmax(ctx.data.train_counts.float())
+        opt = sgd([p for p in model.parameters() if p.requires_grad], ctx.cfg["optimizer"])
+
+        def step(x: torch.Tensor, y: torch.Tensor) -> float:
+            opt.zero_grad(set_to_none=True)
+            f = model.features(x)
+            generic = model.head(f)
+            personal = model.personal_head(f.detach())
+            loss = generic_loss(generic, y) + F.cross_entropy(generic.detach() + personal, y)
+            loss.backward()
+            opt.step()
+            return loss.detach().item()
+
+        return run_local_epochs(ctx.data, int(ctx.cfg["local_epochs"]), int(ctx.cfg["batch_size"]), ctx.generator,
+                                step, ctx.device)
+
+    def predictors(self, ctx: ClientContext):
+        model = ctx.model.eval()
+
+        def personal(x: torch.Tensor) -> torch.Tensor:
+            f = model.features(x)
+            return model.head(f) + model.personal_head(f)
+
+        return {"personal": personal, "generic_head": model}
+
+
+class Server(FedLTStrategy):
+    client_cls = FedRoDClient
+
+    @staticmethod
+    def validate_config(cfg: dict) -> None:
+        require_ce(cfg, "FedRoD trains its generic head with balanced softmax and its personal head with CE")
+
