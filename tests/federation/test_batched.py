@@ -15,7 +15,7 @@ from fedlt.seeding import torch_generator
 PLAN = DataPlan(source_name="synthetic", source_cache="", split_path="", mean=(0.5,), std=(0.25,), num_classes=4,
                 num_clients=3, augment_padding=1, augment_hflip=True)
 CFG = {"optimizer": {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3}, "local_epochs": 2, "batch_size": 8,
-       "loss": {"name": "ce"}, "seed": 3, "strategy": {"name": "fedavg"}}
+       "loss": {"name": "ce"}, "seed": 3, "num_rounds": 3, "strategy": {"name": "fedavg"}}
 
 
 def synthetic_client(cid: int, n: int) -> ClientData:
