@@ -39,8 +39,8 @@ from pathlib import Path
 # The benchmark's preferred workload, used for every key the user does not override: FedLoGe on CIFAR-10-LT,
 # 40 clients, 30 % participation, the reduced CPU preset (issue #8). Entries whose config files do not exist
 # (yet) are dropped, with FedAvg on Fashion-MNIST-LT as the fallback.
-DEFAULTS = [("strategy", "fedloge"), ("dataset", "cifar10_lt"), ("experiment", "fedloge_cifar10_reduced"),
-            ("num_clients", "40"), ("participation", "0.3")]
+DEFAULTS = [("strategy", "fedloge"), ("dataset", "cifar10_lt"), ("experiment", "cifar10_lt_cpu"),
+            ("num_clients", "40"), ("participation", "0.3"), ("num_rounds", "20")]
 FALLBACK = [("strategy", "fedavg"), ("dataset", "fmnist_lt")]
 
 

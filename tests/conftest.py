@@ -35,3 +35,15 @@ def run_fedlt(*overrides: str, run_dir: Path | None = None, timeout: float = 300
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture
+def flower_task_identity():
+    """Messages built by hand (outside a ServerApp) need Flower's per-process task identity; the unit tests of
+    tests/federation and tests/strategies use it automatically (their conftest.py)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    old = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = old

@@ -27,17 +27,6 @@ def one_torch_thread():
     torch.set_num_threads(old)
 
 
-@pytest.fixture(autouse=True)
-def flower_task_identity():
-    """Messages built by hand (outside a ServerApp) need Flower's per-process task identity."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    old = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = old
-
-
 def tiny_data(counts=(12, 6, 0, 2), client_id: int = 0, seed: int = 0, augment: bool = False) -> ClientData:
     """A client holding ``counts[c]`` random 8x8 grey images of class c (class-dependent brightness so that
     there is something to learn) and a small local test set."""
@@ -98,3 +87,8 @@ def reply_from(model: torch.nn.Module, server, client: int, n: int, uploads: dic
     arrays = {k: v.detach().numpy().copy() for k, v in model.state_dict().items() if server.is_shared(k)}
     arrays.update({k: v.detach().numpy().copy() for k, v in (uploads or {}).items()})
     return train_reply(client, n, arrays)
+
+
+@pytest.fixture(autouse=True)
+def _task_identity(flower_task_identity):
+    """Every test here may build Flower messages by hand."""
