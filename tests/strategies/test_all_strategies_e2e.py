@@ -24,16 +24,20 @@ SPREAD = ("accuracy", "accuracy_weighted", "accuracy_std", "accuracy_min", "accu
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory):
+def sweep(request, tmp_path_factory):
+    """One multirun over the strategies whose tests were selected (e.g. with -k)."""
     if not fmnist_available():
         pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+    selected = [item.callspec.params["strategy"] for item in request.session.items
+                if item.module is request.module and hasattr(item, "callspec")]
     root = tmp_path_factory.mktemp("strategies")
-    res = run_fedlt("-m", "strategy=" + ",".join(NAMES), *TINY, f"hydra.sweep.dir={root}",
-                    "hydra.sweep.subdir=${strategy.name}", timeout=900)
+    res = run_fedlt("-m", "strategy=" + ",".join(selected), *TINY, f"hydra.sweep.dir={root}",
+                    "hydra.sweep.subdir=${strategy.name}", timeout=1700)
     return root, res
 
 
 @pytest.mark.e2e
+@pytest.mark.timeout(1800)  # the first test also waits for the whole sweep (~15 s per strategy on 2 free cores)
 @pytest.mark.parametrize("strategy", NAMES)
 def test_strategy_runs_end_to_end_and_logs_every_metric(sweep, strategy):
     root, res = sweep
