@@ -40,5 +40,5 @@ class Server(FedLTStrategy):
         return None, None
 
     def generic_metrics(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int,
-                        batch_size: int) -> tuple[dict, dict]:
+                        batch_size: int, evaluation=None) -> tuple[dict, dict]:
         return {"generic/accuracy": None}, {"not_applicable": "local training has no global model"}
