@@ -62,6 +62,8 @@ def default_overrides(user: list[str]) -> list[str]:
         return True
 
     preferred = [(k, v) for k, v in DEFAULTS if exists(k, v)]
+    if user:  # the preset (and its round count) only for a bare `fedlt-bench`: it would clash with e.g. model.*
+        preferred = [(k, v) for k, v in preferred if k not in ("experiment", "num_rounds")]
     have = {k for k, _ in preferred}
     if not {"strategy", "dataset"} <= have:  # the FedLoGe/CIFAR workload is not in this checkout yet
         preferred = [(k, v) for k, v in preferred if k not in ("strategy", "dataset", "experiment")] + FALLBACK
