@@ -33,6 +33,23 @@ def run_fedlt(*overrides: str, run_dir: Path | None = None, timeout: float = 300
     return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=ROOT)
 
 
+def terminate(pids, gone, wait_s: float) -> None:
+    """SIGTERM, then SIGKILL, exactly these processes (never `ray stop`/pkill: other runs share the machine),
+    waiting up to ``wait_s`` after each signal until ``gone()``."""
+    import signal
+    import time
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline and not gone():
+            time.sleep(0.2)
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 

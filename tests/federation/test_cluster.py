@@ -4,7 +4,6 @@ started by the test on 127.0.0.1 and stopped by PID), and resources Ray would re
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from fedlt.config import ConfigError
-from tests.conftest import needs_fmnist, run_fedlt
+from tests.conftest import needs_fmnist, run_fedlt, terminate
 
 RAY = str(Path(sys.executable).with_name("ray"))
 
@@ -47,15 +46,7 @@ def stop_cluster(head: subprocess.Popen, temp_dir: Path) -> None:
     for root in [head.pid, *processes_mentioning(str(temp_dir))]:
         pids.update(process_tree(root))
     pids.discard(os.getpid())
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() and _alive(p) for p in pids):
-            time.sleep(0.2)
+    terminate(pids, lambda: not any(Path(f"/proc/{p}").exists() and _alive(p) for p in pids), wait_s=10)
     head.wait(timeout=10)
 
 

@@ -3,7 +3,6 @@
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, needs_fmnist
+from tests.conftest import ROOT, needs_fmnist, terminate
 
 BIN = Path(sys.executable).parent
 
@@ -39,15 +38,7 @@ def kill_trees(procs: list[subprocess.Popen]) -> None:
     from fedlt.bench import process_tree
 
     pids = [pid for p in procs for pid in process_tree(p.pid)]
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + 8
-        while time.monotonic() < deadline and any(p.poll() is None for p in procs):
-            time.sleep(0.2)
+    terminate(pids, lambda: all(p.poll() is not None for p in procs), wait_s=8)
     for p in procs:
         p.wait(timeout=10)
 
