@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check for issue #8 (a few minutes): client updates per second of the one-client-at-a-time loop vs
 # backend.client_batching (vmap over the sampled clients), their weight difference, and a fedlt run through
-# Flower + Ray with fractional GPUs (4 clients per GPU). Prints one JSON line.
+# Flower + Ray with fractional GPUs (4 clients per GPU). Prints one JSON line per cohort size (COHORTS).
 #
 #   bash launch/gpu_check.sh                 # on a GPU machine (device cuda)
 #   bash launch/gpu_check.sh --device cpu    # anywhere: the same code on the CPU (what the tests run)
@@ -27,6 +27,9 @@ export FLWR_TELEMETRY_ENABLED=0 RAY_USAGE_STATS_ENABLED=0 RAY_ACCEL_ENV_VAR_OVER
 dataset=fmnist_lt
 [ -f configs/dataset/synthetic_lt.yaml ] && [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] \
   && [ -z "${FEDLT_DATA_ROOT:-}" ] && dataset=synthetic_lt
-exec "$PY" -m fedlt.bench --mode gpu-check --device "$DEVICE" strategy=fedavg dataset=$dataset model=cnn \
-  model.width=16 model.feature_dim=64 num_clients=40 participation=0.5 local_epochs=1 batch_size=32 \
-  num_rounds=3 "$@"
+# cohort sizes (num_clients:participation): 20, 100, 200 and 400 clients trained per vectorised call
+for cohort in ${COHORTS:-40:0.5 200:0.5 400:0.5 400:1.0}; do
+  "$PY" -m fedlt.bench --mode gpu-check --device "$DEVICE" strategy=fedavg dataset=$dataset model=cnn \
+    model.width=16 model.feature_dim=64 num_clients=${cohort%%:*} participation=${cohort##*:} local_epochs=1 \
+    batch_size=32 num_rounds=3 partition.min_samples_per_client=0 "$@"
+done

@@ -4,11 +4,12 @@ Small models leave a GPU idle when clients train one after another (each step is
 Here the K clients' weights are stacked along a leading dimension and every local SGD step of all clients is a
 single ``torch.func.vmap`` of ``functional_call`` + ``grad`` over that dimension, with SGD (momentum, weight
 decay) applied to the stacks. What stays per client is exactly what the one-client-at-a-time loop does: each
-client's mini-batches come from the same ``batches()`` iterator with the same generator (same shuffles, same
+client's mini-batches come from the same draws of the same generator (``batch_draws``: same shuffles, same
 augmentation), BatchNorm normalises with that client's own batch statistics and updates that client's own
 running statistics (the buffers are stacked too), and the results are that client's weights. Clients whose
-data sizes differ simply finish at different steps; a step whose batch sizes differ (an epoch's last, smaller
-batch) is run as one vectorised call per batch size.
+data sizes differ simply train during fewer steps (the stacks are ordered and the steps laid out so that the
+clients training at a step are a prefix), and short batches are padded and masked, so each step stays one call
+with no host round trip.
 
 Supported: strategies whose clients run the default local SGD (``ClientAlgorithm.train``) with ``loss=ce``,
 keep no personal state, and whose server side averages with Flower's FedAvg (no custom ``aggregate_train`` /
@@ -28,6 +29,8 @@ import time
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad_and_value, vmap
+
+from fedlt.data.augment import crop_flip, to_float
 
 COHORT = "cohort"  # message type suffix: "train.cohort"
 
@@ -66,94 +69,174 @@ def check_supported(cfg: dict) -> None:
 
 
 # --------------------------------------------------------------------------------------------- trainer
-def _sgd_update(p: torch.Tensor, g: torch.Tensor, buf: torch.Tensor | None, lr: float, momentum: float,
-                wd: float) -> torch.Tensor | None:
-    """torch.optim.SGD's single-tensor step (dampening 0, no Nesterov) on a stack of client tensors, in place."""
-    d_p = g.add(p, alpha=wd) if wd != 0 else g
-    if momentum != 0:
-        if buf is None:
-            buf = torch.clone(d_p).detach()
-        else:
-            buf.mul_(momentum).add_(d_p, alpha=1)
-        d_p = buf
-    p.add_(d_p, alpha=-lr)
-    return buf
+class _MaskedBatchNorm:
+    """While ``enabled``, the model's BatchNorm layers take their training statistics over the valid samples of
+    a padded batch only (``mask``: one 0/1 weight per sample), so clients whose batch is shorter than batch_size
+    (an epoch's last batch) share the vectorised call of the others. ``F.batch_norm`` has no sample mask, hence
+    this re-implementation of its training branch (same formulas: biased variance to normalise, unbiased
+    variance and ``momentum`` for the running statistics). Steps where every batch is full use the stock layer."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.layers = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        self.mask: torch.Tensor | None = None
+        self.enabled = False
+
+    def __enter__(self):
+        for bn in self.layers:
+            bn.forward = self._forward_of(bn)
+        return self
+
+    def __exit__(self, *exc):
+        for bn in self.layers:
+            del bn.forward  # back to the class's forward
+
+    def _forward_of(self, bn):
+        original = type(bn).forward.__get__(bn)
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            if not (self.enabled and bn.training):
+                return original(x)
+            dims = [0, *range(2, x.dim())]
+            shape = [1, -1] + [1] * (x.dim() - 2)
+            m = self.mask.view([-1] + [1] * (x.dim() - 1))
+            count = self.mask.sum() * (x[0, 0].numel())  # >= 2 images: batches of one are never drawn
+            mean = (x * m).sum(dims) / count
+            centred = x - mean.view(shape)
+            var = (centred.square() * m).sum(dims) / count
+            y = centred * torch.rsqrt(var + bn.eps).view(shape)
+            if bn.affine:
+                y = y * bn.weight.view(shape) + bn.bias.view(shape)
+            if bn.track_running_stats:
+                with torch.no_grad():
+                    bn.num_batches_tracked.add_(1)
+                    f = bn.momentum if bn.momentum is not None else 1.0 / bn.num_batches_tracked.to(mean.dtype)
+                    bn.running_mean.mul_(1 - f).add_(mean * f)
+                    bn.running_var.mul_(1 - f).add_(var * (count / (count - 1)) * f)
+            return y
+
+        return forward
+
+
+def _schedule(datas: list, generators: list, cfg: dict) -> tuple[list[int], dict[str, torch.Tensor]]:
+    """Each client's batches as index/augmentation tables of shape (steps, clients, batch_size), drawn from each
+    client's generator by :func:`fedlt.train.local.batch_draws`, i.e. exactly what its one-client loop draws.
+
+    Layout: clients (lanes) are ordered by batches per epoch, most first, and the steps form one block per
+    epoch, as long as the longest client's epoch; every client runs its epoch in the LAST steps of the block.
+    So at any step the clients training are a prefix of the lanes, and every short batch (an epoch's last) falls
+    on a block's last step: one masked step per epoch. The total number of steps is the longest client's, as in
+    any layout. Returns the lane order (client positions) and the tables; ``valid`` marks real samples."""
+    from fedlt.train.local import batch_draws
+
+    bs, epochs = int(cfg["batch_size"]), int(cfg["local_epochs"])
+    plan = datas[0].plan
+    padding, hflip = int(plan.augment_padding), bool(plan.augment_hflip)
+    draws = [list(batch_draws(d.num_train, bs, epochs, g, padding, hflip))
+             for d, g in zip(datas, generators, strict=True)]
+    per_epoch = [len(d) // max(epochs, 1) for d in draws]  # batch_draws yields the same number every epoch
+    order = sorted(range(len(datas)), key=lambda i: -per_epoch[i])
+    block = max(per_epoch, default=0)
+    steps, k = block * epochs, len(datas)
+    table = {"index": torch.zeros(steps, k, bs, dtype=torch.long), "valid": torch.zeros(steps, k, bs, dtype=torch.bool),
+             "dy": torch.zeros(steps, k, bs, dtype=torch.long), "dx": torch.zeros(steps, k, bs, dtype=torch.long),
+             "flip": torch.zeros(steps, k, bs, dtype=torch.bool)}
+    offsets = [0]
+    for d in datas:
+        offsets.append(offsets[-1] + d.num_train)
+    for lane, i in enumerate(order):
+        table["index"][:, lane, :] = offsets[i]  # padding points at a real image of the client (weight 0)
+        for b, (idx, dy, dx, flip) in enumerate(draws[i]):
+            s = (b // per_epoch[i]) * block + block - per_epoch[i] + b % per_epoch[i]
+            nb = idx.numel()
+            table["index"][s, lane, :nb] = idx + offsets[i]
+            table["valid"][s, lane, :nb] = True
+            for name, v in (("dy", dy), ("dx", dx), ("flip", flip)):
+                if v is not None:
+                    table[name][s, lane, :nb] = v
+    return order, table
 
 
 def train_cohort(model: torch.nn.Module, start_state: dict[str, torch.Tensor], datas: list, generators: list,
                  cfg: dict, device: str = "cpu") -> tuple[list[dict[str, torch.Tensor]], list[dict[str, float]]]:
     """Train ``len(datas)`` clients from the same ``start_state`` with local SGD, vectorised over clients.
 
-    Returns each client's final state dict (on CPU) and metrics ({"train/loss", "train/steps"}), identical in
-    meaning to ``ClientAlgorithm.train`` run once per client with ``model.load_state_dict(start_state)``."""
-    from fedlt.train.local import batches
-
+    Every step is ONE vmapped call: the clients' images live on the device in one tensor and each step gathers
+    and augments all clients' batches at once from precomputed tables (:func:`_schedule`). The clients training
+    at a step are a prefix of the stacked weights, so the step runs on views of that prefix (idle clients cost
+    nothing, no copies); short batches are padded and masked (:class:`_MaskedBatchNorm`, zero loss weights).
+    Nothing waits for the device before the end. Returns each client's final state dict (on CPU) and metrics
+    ({"train/loss", "train/steps"}), identical in meaning to ``ClientAlgorithm.train`` run once per client with
+    ``model.load_state_dict(start_state)`` (equal up to float rounding)."""
     k = len(datas)
     opt = cfg["optimizer"]
     lr, momentum, wd = float(opt["lr"]), float(opt.get("momentum", 0.0)), float(opt.get("weight_decay", 0.0))
-    epochs, bs = int(cfg["local_epochs"]), int(cfg["batch_size"])
+    plan = datas[0].plan
+    padding, hflip = int(plan.augment_padding), bool(plan.augment_hflip)
+    order, table = _schedule(datas, generators, cfg)
+    total_steps, bs = table["index"].shape[0], table["index"].shape[2]
+    busy = table["valid"].any(2)  # steps, lanes
+    running = busy.sum(1).tolist()
+    assert all(bool(busy[s, : running[s]].all()) for s in range(total_steps)), "training clients must be a prefix"
+    full = [bool(table["valid"][s, : running[s]].all()) for s in range(total_steps)]
+    steps_of = busy.sum(0)
+    table = {n: v.to(device, non_blocking=True) for n, v in table.items()}
+    images = torch.cat([d.train_x for d in datas]).to(device, non_blocking=True)
+    labels = torch.cat([d.train_y for d in datas]).to(device, non_blocking=True)
+    mean = torch.tensor(plan.mean, dtype=torch.float32).to(device)
+    std = torch.tensor(plan.std, dtype=torch.float32).to(device)
+
     model = model.to(device)
     model.train()
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     params = {n: start_state[n].to(device).unsqueeze(0).repeat(k, *[1] * start_state[n].dim()).contiguous()
               for n in trainable}
     buffers = {n: v.to(device).unsqueeze(0).repeat(k, *[1] * v.dim()).contiguous()
-               for n, v in start_state.items() if n not in trainable}
-    momenta: dict[str, torch.Tensor | None] = {n: None for n in trainable}
+               for n, v in start_state.items() if n not in params}
+    momenta = {n: torch.zeros_like(v) for n, v in params.items()} if momentum != 0 else {}
+    masked_bn = _MaskedBatchNorm(model)
 
-    def loss_of(p, b, x, y):
+    def loss_of(p, b, x, y, w):
+        masked_bn.mask = w
         logits = functional_call(model, (p, b), (x,))
-        return F.cross_entropy(logits, y)
+        return (F.cross_entropy(logits, y, reduction="none") * w).sum() / w.sum()
 
-    step_fn = vmap(grad_and_value(loss_of), in_dims=(0, 0, 0, 0), randomness="error")
-    iters = [batches(d, bs, epochs, g) for d, g in zip(datas, generators, strict=True)]
-    loss_sum, steps = [0.0] * k, [0] * k
-    active = list(range(k))
-    while active:
-        groups: dict[int, list] = {}
-        still = []
-        for i in active:
-            nxt = next(iters[i], None)
-            if nxt is None:
+    step_fn = vmap(grad_and_value(loss_of), in_dims=(0, 0, 0, 0, 0), randomness="error")
+    loss_sum = torch.zeros(k, device=device)
+    with masked_bn:
+        for s in range(total_steps):
+            a = running[s]
+            if a == 0:
                 continue
-            still.append(i)
-            groups.setdefault(int(nxt[0].shape[0]), []).append((i, nxt))
-        active = still
-        for items in groups.values():
-            ids = [i for i, _ in items]
-            x = torch.stack([xy[0] for _, xy in items]).to(device, non_blocking=True)
-            y = torch.stack([xy[1] for _, xy in items]).to(device, non_blocking=True)
-            whole = ids == list(range(k))
-            idx = None if whole else torch.tensor(ids, device=device)
-            p = params if whole else {n: v.index_select(0, idx) for n, v in params.items()}
-            b = buffers if whole else {n: v.index_select(0, idx) for n, v in buffers.items()}
-            m = momenta if whole else {n: (None if v is None else v.index_select(0, idx)) for n, v in momenta.items()}
-            grads, losses = step_fn(p, b, x, y)  # BatchNorm updates b's running statistics in place, per client
-            with torch.no_grad():
-                for n in p:
-                    m[n] = _sgd_update(p[n], grads[n], m[n], lr, momentum, wd)
-                if not whole:
-                    for n in p:
-                        params[n].index_copy_(0, idx, p[n])
-                        if m[n] is not None:
-                            if momenta[n] is None:
-                                momenta[n] = torch.zeros_like(params[n])
-                            momenta[n].index_copy_(0, idx, m[n])
-                    for n in b:
-                        buffers[n].index_copy_(0, idx, b[n])
-                elif momentum != 0:
-                    momenta.update(m)
-            for j, i in enumerate(ids):
-                loss_sum[i] += float(losses[j])
-                steps[i] += 1
-    states = []
-    for i in range(k):
-        sd = {}
+            index = table["index"][s, :a].reshape(-1)
+            x = to_float(images[index], mean, std)
+            if padding > 0 or hflip:
+                x = crop_flip(x, padding, table["dy"][s, :a].reshape(-1), table["dx"][s, :a].reshape(-1),
+                              table["flip"][s, :a].reshape(-1) if hflip else None)
+            masked_bn.enabled = not full[s]
+            p = {n: v[:a] for n, v in params.items()}  # views: in-place updates land in the stacks
+            b = {n: v[:a] for n, v in buffers.items()}  # BatchNorm updates these running statistics in place
+            grads, losses = step_fn(p, b, x.view(a, bs, *x.shape[1:]), labels[index].view(a, bs),
+                                    table["valid"][s, :a].to(x.dtype))
+            with torch.no_grad():  # torch.optim.SGD's multi-tensor arithmetic (dampening 0, no Nesterov)
+                loss_sum[:a] += losses
+                ps, d_p = list(p.values()), [grads[n] for n in p]
+                if wd != 0:
+                    d_p = torch._foreach_add(d_p, ps, alpha=wd)
+                if momentum != 0:
+                    bufs = [momenta[n][:a] for n in p]
+                    torch._foreach_mul_(bufs, momentum)
+                    torch._foreach_add_(bufs, d_p)
+                    d_p = bufs
+                torch._foreach_add_(ps, d_p, alpha=-lr)
+    loss_sum = loss_sum.cpu()
+    states: list[dict[str, torch.Tensor]] = [{} for _ in range(k)]
+    metrics: list[dict[str, float]] = [{} for _ in range(k)]
+    for lane, i in enumerate(order):
         for n in start_state:
             src = params[n] if n in params else buffers[n]
-            sd[n] = src[i].detach().cpu().clone()
-        states.append(sd)
-    metrics = [{"train/loss": loss_sum[i] / max(steps[i], 1), "train/steps": float(steps[i])} for i in range(k)]
+            states[i][n] = src[lane].detach().cpu().clone()
+        steps = int(steps_of[lane])
+        metrics[i] = {"train/loss": float(loss_sum[lane]) / max(steps, 1), "train/steps": float(steps)}
     return states, metrics
 
 

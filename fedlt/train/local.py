@@ -8,26 +8,36 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from fedlt.data.augment import random_crop_flip
+from fedlt.data.augment import crop_flip, crop_flip_draws
 from fedlt.data.federated import ClientData
 
 
-def batches(data: ClientData, batch_size: int, epochs: int, generator: torch.Generator,
-            augment: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (x, y) for ``epochs`` shuffled passes. A trailing batch of one image is dropped: BatchNorm cannot
-    train on it (the official DataLoader would crash there)."""
-    n = data.num_train
-    plan = data.plan
+def batch_draws(n: int, batch_size: int, epochs: int, generator: torch.Generator, padding: int = 0,
+                hflip: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None,
+                                                       torch.Tensor | None]]:
+    """Every random draw of ``epochs`` shuffled passes over ``n`` samples, batch by batch: (indices, crop row
+    offsets, crop column offsets, flips). The one place that fixes the order in which a client's generator is
+    consumed, shared by :func:`batches` and the vectorised trainer of ``backend.client_batching``. A trailing batch
+    of one image is dropped: BatchNorm cannot train on it (the official DataLoader would crash there)."""
     for _ in range(epochs):
         perm = torch.randperm(n, generator=generator)
         for start in range(0, n, batch_size):
             idx = perm[start : start + batch_size]
             if idx.numel() < 2 and n > 1:
                 continue
-            x = data.normalise(data.train_x[idx])
-            if augment and (plan.augment_padding > 0 or plan.augment_hflip):
-                x = random_crop_flip(x, plan.augment_padding, plan.augment_hflip, generator)
-            yield x, data.train_y[idx]
+            yield (idx, *crop_flip_draws(idx.numel(), padding, hflip, generator))
+
+
+def batches(data: ClientData, batch_size: int, epochs: int, generator: torch.Generator,
+            augment: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (x, y) for ``epochs`` shuffled passes, augmented with the plan's crop/flip."""
+    plan = data.plan
+    padding, hflip = (plan.augment_padding, plan.augment_hflip) if augment else (0, False)
+    for idx, dy, dx, flip in batch_draws(data.num_train, batch_size, epochs, generator, padding, hflip):
+        x = data.normalise(data.train_x[idx])
+        if padding > 0 or hflip:
+            x = crop_flip(x, padding, dy, dx, flip)
+        yield x, data.train_y[idx]
 
 
 def sgd(params, cfg: dict) -> torch.optim.SGD:

@@ -43,13 +43,17 @@ def sequential(model, start, datas, gens):
     return out
 
 
-def test_vectorised_clients_match_the_sequential_loop(model):
+# uneven sizes: clients finish at different steps and last batches differ (17 = 2x8 + 1 -> dropped single);
+# equal full batches (the unmasked fast path); a client of 3 images (one short batch per epoch)
+@pytest.mark.parametrize(("sizes", "steps"), [((21, 17, 32), (6, 4, 8)), ((16, 16, 16), (4, 4, 4)),
+                                              ((40, 9, 3, 25), (10, 2, 2, 6))])
+def test_vectorised_clients_match_the_sequential_loop(model, sizes, steps):
     torch.set_num_threads(1)
-    # uneven sizes: clients finish at different steps and last batches differ (17 = 2x8 + 1 -> dropped single)
-    datas = [synthetic_client(0, 21), synthetic_client(1, 17), synthetic_client(2, 32)]
+    datas = [synthetic_client(i, n) for i, n in enumerate(sizes)]
+    gens = lambda: [torch_generator(3, 2, 1, c) for c in range(len(sizes))]  # noqa: E731
     start = {k: v.clone() for k, v in model.state_dict().items()}
-    seq = sequential(model, start, datas, [torch_generator(3, 2, 1, c) for c in range(3)])
-    bat, metrics = train_cohort(model, start, datas, [torch_generator(3, 2, 1, c) for c in range(3)], CFG)
+    seq = sequential(model, start, datas, gens())
+    bat, metrics = train_cohort(model, start, datas, gens(), CFG)
     for a, b in zip(seq, bat, strict=True):
         for k in a:
             if a[k].is_floating_point():
@@ -57,7 +61,7 @@ def test_vectorised_clients_match_the_sequential_loop(model):
                 assert float((a[k] - b[k]).abs().max()) <= 1e-5 + 2e-3 * moved, k
             else:
                 assert torch.equal(a[k], b[k]), k  # BatchNorm's step counter: each client's own number of steps
-    assert [m["train/steps"] for m in metrics] == [6.0, 4.0, 8.0]
+    assert [m["train/steps"] for m in metrics] == [float(n) for n in steps]
     # clients really differ (own data, own BatchNorm statistics): not one model copied K times
     rm = "backbone.body.1.running_mean"
     assert float((bat[0][rm] - bat[1][rm]).abs().max()) > 1e-3
