@@ -75,6 +75,10 @@ def device_for(backend: dict) -> str:
 
 
 def runtime(cfg: dict, plan: DataPlan) -> ClientRuntime:
+    if cfg["backend"].get("flush_denormal", True):
+        # per message: the flag lives in the calling thread's FPU state, and Ray may run an actor's calls on
+        # another thread than the one that built the runtime
+        torch.set_flush_denormal(True)
     rt = _RUNTIME_OF_CFG.get(id(cfg))
     if rt is not None and rt.cfg is cfg and rt.plan == plan:
         return rt
