@@ -2,12 +2,10 @@
 
 One invocation, one process, the same run config twice:
 
-* **flower** -- fedlt's real path (``fedlt.federation.simulation.run``: Flower ServerApp/ClientApp, Ray actors,
+* **flower** -- fedlt's real path (``fedlt.experiment.run``: Flower ServerApp/ClientApp, Ray actors,
   messages, run directory, TensorBoard);
-* **bare** -- a plain PyTorch loop written here, with no Flower messaging and no Ray: the same split, the same
-  sampled clients per round, the same client-side code (the strategy's ``train`` / ``predictors`` called
-  in-process on one model, with the same per-(seed, round, client) generators), the same server-side hooks
-  (``aggregate_train`` / ``merge`` / ``after_aggregate`` on in-process replies) and the same evaluation.
+* **bare** -- the same round loop and client step in this process (``fedlt.core.inprocess``): no Flower
+  transport, no Ray, no run directory. The messages are the same objects, the client step the same function.
 
 Both paths do the same arithmetic, so their metrics must agree (``results_match``); the timing ratio then
 measures only the simulator: messaging, serialization, actor start-up, Ray. One JSON line goes to stdout.
@@ -36,6 +34,8 @@ import threading
 import time
 from pathlib import Path
 
+from fedlt.config import clients_per_round
+
 # The benchmark's preferred workload, used for every key the user does not override: FedLoGe on CIFAR-10-LT,
 # 40 clients, 30 % participation, the reduced CPU preset (issue #8). Entries whose config files do not exist
 # (yet) are dropped, with FedAvg on Fashion-MNIST-LT as the fallback.
@@ -46,7 +46,7 @@ FALLBACK = [("strategy", "fedavg"), ("dataset", "fmnist_lt")]
 
 # --------------------------------------------------------------------------------------------- config
 def _config_dir() -> Path:
-    from fedlt.cli import CONFIG_DIR
+    from fedlt.compose import CONFIG_DIR
 
     return Path(CONFIG_DIR)
 
@@ -72,15 +72,9 @@ def default_overrides(user: list[str]) -> list[str]:
 
 def compose(overrides: list[str]) -> dict:
     """Hydra-compose ``configs/`` with the overrides and validate it, exactly as ``fedlt`` would."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from omegaconf import OmegaConf
+    from fedlt.compose import compose as compose_validated
 
-    from fedlt.config import validate
-
-    with initialize_config_dir(config_dir=str(_config_dir()), version_base="1.3", job_name="fedlt-bench"):
-        cfg = hydra_compose(config_name="config", overrides=overrides)
-    return validate(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
+    return compose_validated(overrides, job_name="fedlt-bench")
 
 
 # --------------------------------------------------------------------------------------------- memory
@@ -183,131 +177,63 @@ class MemorySampler:
         self.sample()
 
 
-# ----------------------------------------------------------------------------------------- bare loop
-class _Reply:
-    """An in-process stand-in for a reply Message: what the strategy's server hooks read (no messaging)."""
+# ------------------------------------------------------------------------------------ in-process run
+class _RoundTimes:
+    """A run logger that only records when each round ended (the in-process run writes no files)."""
 
-    def __init__(self, content):
-        self.content = content
+    def __init__(self) -> None:
+        self.ends: dict[int, float] = {}
 
-    def has_error(self) -> bool:
-        return False
+    def train_round(self, rnd: int, values: dict) -> None:
+        self.ends[rnd] = time.monotonic()
 
+    def eval_round(self, row: dict, detail: dict | None = None) -> None:
+        self.ends[int(row["round"])] = time.monotonic()
 
-def _client_glue():
-    """The ClientApp's per-message steps, without Flower: reset -> frozen -> global -> personal, call the
-    algorithm, keep personal state. Mirrors fedlt.federation.client_app (kept in step by results_match)."""
-    import torch
-
-    from fedlt.federation.algorithm import ClientContext
-    from fedlt.federation.client_app import client_view
-    from fedlt.seeding import derive_seed, torch_generator
-
-    def context(model, init_state, frozen, global_sd, personal, state, plan, cfg, cid, rnd, purpose, device):
-        model.load_state_dict(init_state)
-        for sd in (frozen, global_sd, personal.get(cid)):
-            if sd:
-                model.load_state_dict(sd, strict=False)
-        torch.manual_seed(derive_seed(int(cfg["seed"]), purpose, rnd, cid))
-        data = client_view(plan, cid, float(cfg["backend"].get("client_data_cache_mb", 512)))
-        return ClientContext(model=model, data=data, cfg=cfg, round=rnd,
-                             generator=torch_generator(int(cfg["seed"]), purpose, rnd, cid),
-                             state=dict(state.get(cid, {})), device=device)
-
-    return context
+    def close(self) -> None:
+        pass
 
 
 def bare_run(cfg: dict, threads: int | None = None) -> dict:
-    """The same run as fedlt's Flower path, as a plain loop in this process. Returns timings and metrics."""
-    import torch
-    from flwr.app import ArrayRecord, MetricRecord, RecordDict
+    """The same run as fedlt's Flower path, in this process: fedlt's own round loop and client step over the
+    in-process grid (:mod:`fedlt.core.inprocess`), no Flower transport, no Ray. Returns timings and metrics."""
+    from functools import partial
 
-    from fedlt.data.federated import global_test, prepare
-    from fedlt.eval.predict import absent_class_mask, apply_mask, class_counts, predict_logits
-    from fedlt.federation.client_app import configure_torch, device_for
-    from fedlt.federation.model import build_run_model
-    from fedlt.federation.server_app import is_eval_round
-    from fedlt.federation.strategy import has_prefix
-    from fedlt.seeding import EVAL, INIT, TRAIN, derive_seed
+    import torch
+
+    from fedlt.core.client_step import configure_torch, handle, runtime
+    from fedlt.core.inprocess import InProcessGrid
+    from fedlt.core.rounds import RunOutcome, run_rounds
+    from fedlt.experiment import prepare_run
     from strategies import get_strategy
 
     t0 = time.monotonic()
     b = cfg["backend"]
-    client_threads = int(threads or b.get("torch_threads") or 1)
-    server_threads = int(b.get("server_threads") or 1)
-    plan, _split, _source = prepare(cfg)
+    client_b = {**b, "torch_threads": int(threads or b.get("torch_threads") or 1)}
+    server_b = {**b, "torch_threads": int(b.get("server_threads") or 1)}
+    plan, _split, _source = prepare_run(cfg, None)
     server_cls = get_strategy(cfg["strategy"]["name"])
+    rt = runtime(cfg, plan, server_cls.client_cls)
+
+    def as_client(msg, context):
+        configure_torch(client_b)
+        try:
+            return handle(rt, msg, context)
+        finally:
+            configure_torch(server_b)
+
+    configure_torch(server_b)
     strategy = server_cls(cfg)
-    algo_cls = server_cls.client_cls
-    algo = algo_cls(cfg)
-    device = device_for(b)
-    configure_torch({**b, "torch_threads": server_threads})
-    torch.manual_seed(derive_seed(int(cfg["seed"]), INIT))
-    server_model = build_run_model(cfg, plan, algo_cls)
-    arrays = strategy.initial_arrays(server_model)
-    frozen = {k: v.clone() for k, v in strategy.frozen.items()}
-    test_x, test_y = global_test(plan)
-    torch.manual_seed(derive_seed(int(cfg["seed"]), INIT))
-    model = build_run_model(cfg, plan, algo_cls).to(device)
-    init_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    personal: dict[int, dict] = {}
-    state: dict[int, dict] = {}
-    context = _client_glue()
-    k_cls = plan.num_classes
-    rounds, rows = [], []
+    outcome = RunOutcome(strategy=strategy)
+    times = _RoundTimes()
     t_setup = time.monotonic() - t0
-    for rnd in range(1, int(cfg["num_rounds"]) + 1):
-        t_round = time.monotonic()
-        configure_torch({**b, "torch_threads": client_threads})
-        global_sd = arrays.to_torch_state_dict()
-        replies = []
-        for cid in strategy.sample_clients(rnd):
-            ctx = context(model, init_state, frozen, global_sd, personal, state, plan, cfg, cid, rnd, TRAIN, device)
-            metrics = algo.train(ctx)
-            sd = model.state_dict()
-            shared = {k: v.detach().cpu().clone() for k, v in sd.items()
-                      if not has_prefix(k, algo.personal_prefixes) and not has_prefix(k, algo.frozen_prefixes)}
-            mine = {k: v.detach().cpu().clone() for k, v in sd.items() if has_prefix(k, algo.personal_prefixes)}
-            if mine:
-                personal[cid] = mine
-            if ctx.state:
-                state[cid] = {k: v.detach().cpu().clone() for k, v in ctx.state.items()}
-            record = {k: float(v) for k, v in metrics.items()}
-            record.update({"num-examples": ctx.data.num_train, "client-id": cid})
-            replies.append(_Reply(RecordDict({"arrays": ArrayRecord(shared), "metrics": MetricRecord(record)})))
-        configure_torch({**b, "torch_threads": server_threads})
-        agg, _ = strategy.aggregate_train(rnd, replies)
-        arrays = strategy.after_aggregate(rnd, strategy.merge(arrays, agg), replies)
-        row: dict = {"round": rnd}
-        if is_eval_round(rnd, cfg):
-            server_model.load_state_dict(arrays.to_torch_state_dict(), strict=False)
-            if strategy.frozen:
-                server_model.load_state_dict(strategy.frozen, strict=False)
-            gen, _ = strategy.generic_metrics(server_model, test_x, test_y, k_cls, int(cfg["eval"]["batch_size"]))
-            row.update(gen)
-            configure_torch({**b, "torch_threads": client_threads})
-            global_sd = arrays.to_torch_state_dict()
-            ev = []
-            for cid in range(int(cfg["num_clients"])):
-                ctx = context(model, init_state, frozen, global_sd, personal, state, plan, cfg, cid, rnd, EVAL,
-                              device)
-                data = ctx.data
-                mask = absent_class_mask(data.test_counts)
-                record = {"num-examples": int(data.test_y.numel()), "client-id": cid,
-                          "total": data.test_counts.tolist()}
-                for name, fn in algo.predictors(ctx).items():
-                    logits = predict_logits(fn, data.test_x, int(cfg["eval"]["batch_size"]), device)
-                    for variant, lg in (("unmasked", logits), ("masked", apply_mask(logits, mask))):
-                        counts = class_counts(lg, data.test_y, k_cls)
-                        record[f"{name}/{variant}/correct"] = counts["correct"]
-                        record[f"{name}/{variant}/predicted"] = counts["predicted"]
-                ev.append(_Reply(RecordDict({"metrics": MetricRecord(record)})))
-            pers, _ = strategy.personalized_metrics(ev, bool(cfg["eval"]["mask_absent_classes"]))
-            row.update(pers)
-            rows.append(row)
-        rounds.append(time.monotonic() - t_round)
-    return {"round_s": rounds, "end_to_end_s": time.monotonic() - t0, "setup_s": t_setup, "rows": rows,
-            "final_arrays": arrays}
+    t_first = time.monotonic()
+    run_rounds(strategy, InProcessGrid(as_client, int(cfg["num_clients"])), cfg, plan, times, outcome)
+    ends = [times.ends[r] for r in sorted(times.ends)]
+    rounds = [e - s for s, e in zip([t_first, *ends[:-1]], ends, strict=True)]
+    torch.set_num_threads(int(server_b["torch_threads"]))
+    return {"round_s": rounds, "end_to_end_s": time.monotonic() - t0, "setup_s": t_setup, "rows": outcome.rows,
+            "final_arrays": outcome.final_arrays}
 
 
 # --------------------------------------------------------------------------------------- flower path
@@ -335,7 +261,7 @@ def _tb_scalar(run_dir: Path, tag: str) -> dict[int, float]:
 
 def flower_run(cfg: dict, run_dir: Path) -> dict:
     """fedlt's own run (the `fedlt` command minus Hydra's CLI), timed from the outside."""
-    from fedlt.federation.simulation import run
+    from fedlt.experiment import run
 
     t_wall, t0 = time.time(), time.monotonic()
     results = run(cfg, run_dir)
@@ -399,7 +325,7 @@ def compare_rows(flower_rows: list[dict], bare_rows: list[dict],
 
 
 def compare(cfg: dict, bare_threads: int | None, keep: str | None) -> dict:
-    from fedlt.federation.simulation import quiet_flower
+    from fedlt.flower.simulation import quiet_flower
 
     quiet_flower("ERROR")
     with MemorySampler() as bare_mem:
@@ -432,7 +358,7 @@ def compare(cfg: dict, bare_threads: int | None, keep: str | None) -> dict:
         "personalized_accuracy": flower["rows"][-1].get("personalized/accuracy") if flower["rows"] else None,
         "strategy": cfg["strategy"]["name"], "dataset": cfg["dataset"]["name"], "model": cfg["model"]["name"],
         "clients": int(cfg["num_clients"]),
-        "sampled_per_round": max(int(float(cfg["participation"]) * int(cfg["num_clients"])), 1),
+        "sampled_per_round": clients_per_round(cfg["num_clients"], cfg["participation"]),
         "rounds": int(cfg["num_rounds"]), "eval_every": int(cfg["eval"]["every"]),
         "num_cpus_per_client": float(b["num_cpus_per_client"]), "torch_threads": int(b.get("torch_threads") or 1),
         "bare_threads": int(bare_threads or b.get("torch_threads") or 1),
@@ -450,7 +376,7 @@ def compare(cfg: dict, bare_threads: int | None, keep: str | None) -> dict:
 
 def flower_only(cfg: dict, keep: str | None) -> dict:
     """Only fedlt's Flower path (scale checks: many clients), with per-round times and whole-tree memory."""
-    from fedlt.federation.simulation import quiet_flower
+    from fedlt.flower.simulation import quiet_flower
 
     quiet_flower("ERROR")
     run_dir = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="fedlt-bench-"))
@@ -461,7 +387,7 @@ def flower_only(cfg: dict, keep: str | None) -> dict:
     rounds = flower["round_s"]
     out = {
         "mode": "flower", "clients": int(cfg["num_clients"]),
-        "sampled_per_round": max(int(float(cfg["participation"]) * int(cfg["num_clients"])), 1),
+        "sampled_per_round": clients_per_round(cfg["num_clients"], cfg["participation"]),
         "rounds": int(cfg["num_rounds"]), "eval_every": int(cfg["eval"]["every"]),
         "steady_round_s": round(statistics.median(steady(rounds)), 3),
         "train_s": [round(train_s[r], 3) for r in sorted(train_s)],
@@ -482,9 +408,114 @@ def flower_only(cfg: dict, keep: str | None) -> dict:
 
 
 def _device_name(cfg: dict) -> str:
-    from fedlt.federation.client_app import device_for
+    from fedlt.core.client_step import device_for
 
     return device_for(cfg["backend"])
+
+
+# -------------------------------------------------------------------------------- client batching
+def updates_benchmark(cfg: dict, fractional: bool = False, repeats: int = 3) -> dict:
+    """Client updates per second: the sampled clients of round 1 trained one after another (what a client
+    actor does per message) vs together with :func:`train_cohort`; plus, with ``fractional``, fedlt's Flower
+    path with fractional GPUs per client (on a CPU-only machine: the same run on the CPU)."""
+    import math
+
+    import torch
+
+    from fedlt.api.client import ClientContext
+    from fedlt.core.client_step import client_view, configure_torch, device_for
+    from fedlt.core.cohort import train_cohort, unsupported_reasons
+    from fedlt.core.model import build_run_model
+    from fedlt.data.federated import prepare
+    from fedlt.seeding import INIT, TRAIN, derive_seed, torch_generator
+    from strategies import get_strategy
+
+    reasons = unsupported_reasons(get_strategy(cfg["strategy"]["name"]), cfg)
+    device = device_for(cfg["backend"])
+    configure_torch(cfg["backend"])
+    plan, _, _ = prepare(cfg)
+    server_cls = get_strategy(cfg["strategy"]["name"])
+    algo = server_cls.client_cls(cfg)
+    torch.manual_seed(derive_seed(int(cfg["seed"]), INIT))
+    model = build_run_model(cfg, plan, server_cls.client_cls).to(device)
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    clients = server_cls(cfg).sample_clients(1)
+    budget = float(cfg["backend"].get("client_data_cache_mb", 512))
+    datas = [client_view(plan, c, budget) for c in clients]
+
+    def sync():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def sequential() -> list[dict]:
+        out = []
+        for c, d in zip(clients, datas, strict=True):
+            model.load_state_dict(start)
+            ctx = ClientContext(model=model, data=d, cfg=cfg, round=1,
+                                generator=torch_generator(int(cfg["seed"]), TRAIN, 1, c), device=device)
+            algo.train(ctx)
+            out.append({k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+        sync()
+        return out
+
+    def batched() -> list[dict]:
+        gens = [torch_generator(int(cfg["seed"]), TRAIN, 1, c) for c in clients]
+        states, _ = train_cohort(model, start, datas, gens, cfg, device)
+        sync()
+        return states
+
+    result: dict = {"mode": "updates", "strategy": cfg["strategy"]["name"], "dataset": cfg["dataset"]["name"],
+                    "model": cfg["model"]["name"], "device": device, "clients_per_update_batch": len(clients),
+                    "steps_per_client_mean": None}
+    seq_times, seq_states = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        seq_states = sequential()
+        seq_times.append(time.perf_counter() - t0)
+    result["sequential_updates_per_s"] = round(len(clients) / min(seq_times), 3)
+    if reasons:
+        result["client_batching"] = "unsupported: " + "; ".join(reasons)
+    else:
+        bat_times, bat_states = [], None
+        for _ in range(repeats + 1):  # the first call compiles vmap's batching rules: not timed
+            t0 = time.perf_counter()
+            bat_states = batched()
+            bat_times.append(time.perf_counter() - t0)
+        best = min(bat_times[1:])
+        result["batched_updates_per_s"] = round(len(clients) / best, 3)
+        result["batched_speedup"] = round(min(seq_times) / best, 2)
+        result["max_abs_weight_diff"] = max(float((a[k].double() - b[k].double()).abs().max())
+                                            for a, b in zip(seq_states, bat_states, strict=True) for k in a)
+    steps = [math.ceil(d.num_train / int(cfg["batch_size"])) * int(cfg["local_epochs"]) for d in datas]
+    result["steps_per_client_mean"] = round(sum(steps) / len(steps), 1)
+    if fractional:
+        result["fractional_gpu_run"] = _fractional_run(cfg, device)
+    return result
+
+
+def _fractional_run(cfg: dict, device: str) -> dict:
+    """fedlt's Flower path with 4 clients per GPU (num_gpus_per_client=0.25); CPU-only: the same run on CPU."""
+    import tempfile
+
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        return {"skipped": "ray is not installed here"}
+    from fedlt.experiment import run
+
+    b = dict(cfg["backend"])
+    on_gpu = device.startswith("cuda")
+    b["num_gpus_per_client"] = 0.25 if on_gpu else 0.0
+    if on_gpu:
+        b["num_cpus_per_client"] = min(float(b["num_cpus_per_client"]), 1.0)
+    run_cfg = {**cfg, "backend": b, "eval": {**cfg["eval"], "every": 0}}
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="fedlt-gpucheck-") as d:
+        res = run(run_cfg, Path(d))
+    sampled = clients_per_round(cfg["num_clients"], cfg["participation"])
+    return {"num_gpus_per_client": b["num_gpus_per_client"], "device": device, "wall_s": round(time.monotonic() - t0, 2),
+            "rounds": res.get("rounds_completed"), "generic_accuracy": res.get("generic/accuracy"),
+            "client_updates": sampled * int(res.get("rounds_completed") or 0)}
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -524,15 +555,13 @@ def main(argv: list[str] | None = None) -> None:
         elif args.mode == "flower":
             out = flower_only(cfg, args.keep)
         else:
-            from fedlt.federation import batched
-
-            out = batched.updates_benchmark(cfg, fractional=args.mode == "gpu-check")
+            out = updates_benchmark(cfg, fractional=args.mode == "gpu-check")
             out["machine"] = machine_info()
     except user_errors() as e:
         print(f"fedlt-bench: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     print(json.dumps(out), flush=True)
-    os._exit(0)  # Ray/Flower can leave non-daemon threads behind (flower-notes.md pitfall 5)
+    os._exit(0)  # Ray/Flower can leave non-daemon threads behind
 
 
 if __name__ == "__main__":

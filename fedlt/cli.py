@@ -6,31 +6,27 @@ from __future__ import annotations
 import io
 import logging
 import os
-import shutil
 import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-CONFIG_DIR = os.environ.get("FEDLT_CONFIG_DIR") or str(Path(__file__).resolve().parent.parent / "configs")
-USER_ERRORS: tuple[type[BaseException], ...] = ()
+from fedlt.compose import CONFIG_DIR
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
     from fedlt.config import ConfigError
+    from fedlt.core.checkpoint import CheckpointError
     from fedlt.data.partition import PartitionError
     from fedlt.data.sources import DataError
-    from fedlt.federation.checkpoint import CheckpointError
+    from fedlt.rundir import RunDirError
 
-    return (ConfigError, DataError, PartitionError, CheckpointError)
+    return (ConfigError, DataError, PartitionError, CheckpointError, RunDirError)
 
 
-def fail(message: str, run_dir: Path | None = None, fresh: bool = False, code: int = 2) -> None:
-    """One paragraph on stderr, a non-zero exit, no traceback; a run directory this call created is removed
-    so nothing half-written looks like a run."""
-    if run_dir is not None and fresh and run_dir.exists():
-        shutil.rmtree(run_dir, ignore_errors=True)
+def fail(message: str, code: int = 2) -> None:
+    """One paragraph on stderr, a non-zero exit, no traceback."""
     print(f"fedlt: error: {message}", file=sys.stderr, flush=True)
     sys.exit(code)
 
@@ -39,10 +35,16 @@ def to_dict(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # type: ignore[return-value]
 
 
-def write_config(run_dir: Path, plain: dict) -> None:
-    from fedlt.federation.checkpoint import write_config_yaml
+def _given_run_dir() -> Path | None:
+    """The folder named by ``hydra.run.dir=`` on the command line, if any (read before Hydra creates it)."""
+    for arg in sys.argv[1:]:
+        if arg.startswith("hydra.run.dir="):
+            return Path(os.path.expanduser(arg.split("=", 1)[1])).resolve()
+    return None
 
-    write_config_yaml(run_dir, plain)
+
+_GIVEN = _given_run_dir()
+_GIVEN_EXISTED = _GIVEN is not None and _GIVEN.exists()
 
 
 class _HeldStderr:
@@ -100,52 +102,73 @@ def main() -> None:
 def hydra_main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    sys.stderr.write(_STDERR.release())
+    from fedlt import rundir
 
+    sys.stderr.write(_STDERR.release())
     run_dir = Path(HydraConfig.get().runtime.output_dir).resolve()
-    fresh = not any(run_dir.iterdir()) if run_dir.exists() else True
+    existed = _GIVEN_EXISTED if run_dir == _GIVEN else False
     errors = user_errors()
     resume = cfg.get("resume")
+
+    def give_up(message: str, code: int = 2) -> None:
+        if not resume:
+            rundir.remove_created(run_dir, existed, ours=claimed)
+        elif run_dir != resume_dir:
+            rundir.remove_created(run_dir, False, ours=False)  # the folder Hydra made for this invocation
+        fail(message, code)
+
+    resume_dir, claimed = None, False
     try:
-        from fedlt.config import validate
+        from fedlt.validate import validate
 
-        if resume:  # continue RUN_DIR with its own config.yaml (fedlt.federation.checkpoint.resume_config)
-            from fedlt.federation.checkpoint import resume_config
-
-            resume_dir, plain = resume_config(str(resume), list(HydraConfig.get().overrides.task), to_dict(cfg))
+        if resume:  # continue RUN_DIR with its own config.yaml (fedlt.rundir.resume_config)
+            resume_dir, plain = rundir.resume_config(str(resume), list(HydraConfig.get().overrides.task),
+                                                     to_dict(cfg))
             plain = validate(plain)
         else:
+            rundir.claim_new(run_dir)
+            claimed = True
             plain = validate(to_dict(cfg))
     except errors as e:
-        fail(str(e), run_dir, fresh)
+        give_up(str(e))
     except Exception as e:  # OmegaConf interpolation / missing values are user errors too
-        fail(f"the configuration could not be resolved: {e}", run_dir, fresh)
+        give_up(f"the configuration could not be resolved: {e}")
     if resume:
-        if fresh and run_dir != resume_dir:
-            shutil.rmtree(run_dir, ignore_errors=True)  # the directory Hydra made for this invocation
-        run_dir, fresh = resume_dir, False  # config.yaml is rewritten by run() once the checkpoint is accepted
-    else:
-        write_config(run_dir, plain)
-    from fedlt.federation.ray_backend import BackendError
-    from fedlt.federation.simulation import Interrupted, RunFailed, run
+        if run_dir != resume_dir:
+            rundir.remove_created(run_dir, False, ours=False)  # the folder Hydra made for this invocation
+        run_dir = resume_dir  # config.yaml is rewritten once the checkpoint is accepted and Ray runs
+    from fedlt.core.checkpoint import write_config_yaml
+    from fedlt.experiment import Interrupted, RunFailed, run
+    from fedlt.flower.ray_backend import BackendError
 
     try:
+        lock = rundir.RunLock(run_dir).acquire()
+    except errors as e:
+        fail(str(e))
+    try:
+        if not resume:
+            write_config_yaml(run_dir, plain)
         results = run(plain, run_dir, resume=bool(resume))
     except errors as e:
-        fail(str(e), run_dir, fresh)
+        lock.release()
+        give_up(str(e))
     except BackendError as e:
-        fail(str(e), run_dir, fresh, code=1)
+        lock.release()
+        give_up(str(e), code=1)
     except Interrupted as e:
+        lock.release()
         print(f"fedlt: stopped after round {e.last_round} of {plain['num_rounds']}; the checkpoint is in "
               f"{run_dir / 'checkpoints'}. Continue with: fedlt resume={run_dir}", file=sys.stderr, flush=True)
         sys.exit(e.exit_code)
     except RunFailed as e:
+        lock.release()
         cause = e.args[0]
         print(f"fedlt: error: the run stopped: {type(cause).__name__}: {cause}. What was written so far is in "
               f"{run_dir}; `fedlt resume={run_dir}` continues from its newest checkpoint.", file=sys.stderr,
               flush=True)
         sys.stdout.flush()
-        os._exit(1)  # a failed Flower/Ray run can leave non-daemon threads behind (flower-notes.md pitfall 5)
+        os._exit(1)  # a failed Flower/Ray run can leave non-daemon threads behind
+    lock.release()
     g, p = results.get("generic/accuracy"), results.get("personalized/accuracy")
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
     print(f"generic/accuracy: {fmt(g)}  personalized/accuracy: {fmt(p)}  "

@@ -1,5 +1,5 @@
-"""Algorithms, one file each. A file defines a client side (``fedlt.federation.algorithm.ClientAlgorithm``
-subclass) and a server side (``fedlt.federation.strategy.FedLTStrategy`` subclass, i.e. a Flower strategy)
+"""Algorithms, one file each. A file defines a client side (``fedlt.api.client.ClientAlgorithm``
+subclass) and a server side (``fedlt.api.server.ServerAlgorithm`` subclass)
 and exposes the server class as ``Server``; ``Server.client_cls`` is its client side. No algorithm imports Ray
 or knows how it is run. A new file here is picked up automatically as ``strategy=<file name>`` (add its
 ``configs/strategy/<name>.yaml`` too)."""

@@ -1,9 +1,9 @@
-"""Shared by the server-optimizer strategies (FedAvgM, FedAdam): glue between fedlt's round loop and Flower's
-own ``FedAvgM`` / ``FedOpt`` classes, which do the actual update.
+"""Shared by the server-optimizer strategies (FedAvgM, FedAdam): Flower's own ``FedAvgM`` / ``FedAdam`` objects
+do the server update, called as a library from fedlt's ``aggregate`` hook.
 
-* Flower's strategies remember the arrays they sent in their ``configure_train``; fedlt's
-  ``FedLTStrategy.configure_train`` does its own seeded sampling and does not call it, so each strategy
-  records the sent arrays itself (``remember_sent``) before building the messages.
+* Flower's ``aggregate_train`` computes the sample-weighted average of the replies, then its update against the
+  arrays the strategy sent (``current_arrays``, which Flower's own ``configure_train`` would have kept; fedlt's
+  round loop sends the messages, so ``aggregate`` sets it from ``sent``).
 * BatchNorm buffers (running mean/var, batch counters) are statistics, not parameters: a server optimizer step
   on them can overshoot (momentum) or move every entry by ~eta whatever its scale (Adam) and make a running
   variance negative. They are therefore plain sample-weighted averages, as in FedAvg (FL-bench's FedAvgM skips
@@ -12,42 +12,40 @@ own ``FedAvgM`` / ``FedOpt`` classes, which do the actual update.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
-from flwr.serverapp import Grid
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+from flwr.app import ArrayRecord, Message
 
-from fedlt.config import check_float, check_int
+from fedlt.api.server import ServerAlgorithm
+from strategies.fedavg import FedAvgClient
 
 
-class ServerOptimizer:
-    """Mix in before ``FedLTStrategy`` (``class Server(ServerOptimizer, FedLTStrategy, FedAdam)``)."""
+class ServerOptimizer(ServerAlgorithm):
+    """Subclasses build ``self.flower`` (a Flower strategy object) and say how it remembers the sent arrays."""
 
-    buffer_keys: frozenset[str] = frozenset()
+    client_cls = FedAvgClient
+    flower = None
 
-    def remember_sent(self, arrays: ArrayRecord) -> None:  # pragma: no cover - overridden
+    def __init__(self, cfg: dict):
+        super().__init__(cfg)
+        self.buffer_keys: frozenset[str] = frozenset()
+
+    def remember_sent(self, sent: ArrayRecord) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
 
     def initial_arrays(self, model: torch.nn.Module) -> ArrayRecord:
         self.buffer_keys = frozenset(k for k, _ in model.named_buffers())
         return super().initial_arrays(model)
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
-        self.remember_sent(arrays)
-        return super().configure_train(server_round, arrays, config, grid)
-
-    def aggregate_train(self, server_round: int,
-                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
-        arrays, metrics = super().aggregate_train(server_round, replies)  # Flower's server optimizer
+    def aggregate(self, server_round: int, sent: ArrayRecord, replies: list[Message]) -> ArrayRecord | None:
+        if not replies:
+            return None
+        self.remember_sent(sent)
+        arrays, _ = self.flower.aggregate_train(server_round, replies)  # Flower's average + server update
         if arrays is None or not self.buffer_keys:
-            return arrays, metrics
-        average = aggregate_arrayrecords([r.content for r in replies], self.weighted_by_key)
-        return ArrayRecord({k: average[k] if k in self.buffer_keys else a for k, a in arrays.items()}), metrics
+            return arrays
+        average = super().aggregate(server_round, sent, replies)
+        return ArrayRecord({k: average[k] if k in self.buffer_keys else a for k, a in arrays.items()})
 
 
 def to_tensors(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -57,8 +55,3 @@ def to_tensors(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
 
 def to_numpy(tensors: dict) -> dict[str, np.ndarray]:
     return {k: np.array(t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else t) for k, t in tensors.items()}
-
-
-def validate_common(cfg: dict) -> None:
-    check_float(cfg, "strategy.server_lr", 0.0, lo_open=True)
-    check_int(cfg, "strategy.finetune_epochs", 0)

@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 
 from fedlt.data.federated import ClientData, DataPlan, client_data
-from fedlt.federation.algorithm import ClientAlgorithm, ClientContext
-from fedlt.federation.strategy import FedLTStrategy
+from fedlt.api.client import ClientAlgorithm, ClientContext
+from fedlt.api.server import NoParams, ServerAlgorithm
 
 TRAINER = 0  # the client whose node runs the central training
 
@@ -47,8 +47,9 @@ class CentralizedClient(ClientAlgorithm):
         return super().train(ctx)
 
 
-class Server(FedLTStrategy):
+class Server(ServerAlgorithm):
     client_cls = CentralizedClient
+    params = NoParams
 
     def sample_clients(self, server_round: int) -> list[int]:
         return [TRAINER]

@@ -28,20 +28,19 @@ matching, 40 s re-training: 300 x 313 SGD steps); ``retrain_epochs`` / ``match_s
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from dataclasses import dataclass
 from contextlib import contextmanager
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
-from flwr.serverapp import Grid
+from flwr.app import Array, ArrayRecord, Message
 from torch import nn
 
-from fedlt.config import check_float, check_int
+from fedlt.config import param
 from fedlt.data.augment import random_crop_flip
-from fedlt.federation.algorithm import ClientAlgorithm, ClientContext
-from fedlt.federation.strategy import FedLTStrategy
+from fedlt.api.client import ClientAlgorithm, ClientContext
+from fedlt.api.server import ServerAlgorithm
 from fedlt.seeding import derive_seed
 
 GRAD = "creff.grad."  # reserved upload keys: weight (K, K, d), bias (K, K), present (K,)
@@ -106,8 +105,22 @@ class CReFFClient(ClientAlgorithm):
         return {"creff": lambda x: model.creff_head(model.features(x)), "fedavg": model}
 
 
-class Server(FedLTStrategy):
+@dataclass(frozen=True)
+class Params:
+    features_per_class: int = param(100, "federated features per class (official 100)", lo=1)
+    match_steps: int = param(100, "gradient-matching SGD steps per round (official match_epoch 100)", lo=0)
+    feature_lr: float = param(0.1, "lr of the federated features (official)", lo=0.0, lo_open=True)
+    retrain_epochs: int = param(300, "epochs of classifier re-training on the federated features per round "
+                                     "(official 300)", lo=0)
+    retrain_lr: float = param(0.01, "lr of the re-training (official)", lo=0.0, lo_open=True)
+    retrain_batch_size: int = param(32, "batch size of the re-training (official: the local batch size, 32)", lo=1)
+    grad_repeats: int = param(10, "client: draws per class whose gradients are averaged (official 10)", lo=1)
+    grad_images_per_class: int = param(32, "client: images per class per draw (official batch_real 32)", lo=1)
+
+
+class Server(ServerAlgorithm):
     client_cls = CReFFClient
+    params = Params
 
     def __init__(self, cfg: dict):
         super().__init__(cfg)
@@ -115,18 +128,14 @@ class Server(FedLTStrategy):
         self.sent_head: tuple[torch.Tensor, torch.Tensor] | None = None
         self.round_gradients: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
-    # ----------------------------------------------------------------------------------- messages
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
-        self.sent_head = (torch.from_numpy(np.array(arrays[HEAD + "weight"].numpy())),
-                          torch.from_numpy(np.array(arrays[HEAD + "bias"].numpy())))
-        return super().configure_train(server_round, arrays, config, grid)
-
-    def aggregate_train(self, server_round: int,
-                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
+    # ---------------------------------------------------------------------------------- aggregation
+    def aggregate(self, server_round: int, sent: ArrayRecord, replies: list[Message]) -> ArrayRecord | None:
+        """Take the class gradients out of the replies (and remember the classifier they were computed on),
+        then average the rest as FedAvg does."""
+        self.sent_head = (torch.from_numpy(np.array(sent[HEAD + "weight"].numpy())),
+                          torch.from_numpy(np.array(sent[HEAD + "bias"].numpy())))
         self.round_gradients = pop_class_gradients(replies)
-        return super().aggregate_train(server_round, replies)
+        return super().aggregate(server_round, sent, replies)
 
     # ------------------------------------------------------------------------------- server step
     def after_aggregate(self, server_round: int, arrays: ArrayRecord, replies: list[Message]) -> ArrayRecord:
@@ -210,14 +219,6 @@ class Server(FedLTStrategy):
         if "federated_features" in state:
             self.federated_features = torch.as_tensor(state["federated_features"]).clone()
 
-    @staticmethod
-    def validate_config(cfg: dict) -> None:
-        for key in ("features_per_class", "grad_repeats", "grad_images_per_class", "retrain_batch_size"):
-            check_int(cfg, f"strategy.{key}", 1)
-        for key in ("match_steps", "retrain_epochs"):
-            check_int(cfg, f"strategy.{key}", 0)
-        check_float(cfg, "strategy.feature_lr", 0.0, lo_open=True)
-        check_float(cfg, "strategy.retrain_lr", 0.0, lo_open=True)
 
 
 @contextmanager

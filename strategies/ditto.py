@@ -9,13 +9,14 @@ predicts with the global model. Personalized predictor: v. Generic predictor: w.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from fedlt.config import check_float, check_int
-from fedlt.federation.algorithm import ClientAlgorithm, ClientContext
-from fedlt.federation.strategy import FedLTStrategy
+from fedlt.config import param
+from fedlt.api.client import ClientAlgorithm, ClientContext
+from fedlt.api.server import ServerAlgorithm
 
 PERSONAL = "personal_model."  # key prefix of v in ctx.state
 
@@ -53,11 +54,13 @@ class DittoClient(ClientAlgorithm):
         return {"personal": self.personal_model(ctx).eval()}
 
 
-class Server(FedLTStrategy):
-    client_cls = DittoClient
+@dataclass(frozen=True)
+class Params:
+    lam: float = param(1.0, "proximal strength lambda (FL-bench's default 1; the paper sweeps 0.1-2)", lo=0.0)
+    personal_epochs: int | None = param(None, "epochs on the personal model per sampled round; null = local_epochs",
+                                        lo=0)
 
-    @staticmethod
-    def validate_config(cfg: dict) -> None:
-        check_float(cfg, "strategy.lam", 0.0)
-        if cfg["strategy"].get("personal_epochs") is not None:
-            check_int(cfg, "strategy.personal_epochs", 0)
+
+class Server(ServerAlgorithm):
+    client_cls = DittoClient
+    params = Params

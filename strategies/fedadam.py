@@ -6,37 +6,41 @@ are plain averages (strategies/_server_opt.py). The moments m, v are server stat
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from flwr.app import ArrayRecord
 from flwr.serverapp.strategy import FedAdam
 
-from fedlt.config import check_float
-from fedlt.federation.strategy import FedLTStrategy
-from strategies._server_opt import ServerOptimizer, to_numpy, to_tensors, validate_common
-from strategies.fedavg import FedAvgClient
+from fedlt.config import param
+from strategies._server_opt import ServerOptimizer, to_numpy, to_tensors
+from strategies.fedavg import FedAvgParams
 
 
-class Server(ServerOptimizer, FedLTStrategy, FedAdam):
-    client_cls = FedAvgClient
+@dataclass(frozen=True)
+class Params(FedAvgParams):
+    server_lr: float = param(0.1, "server learning rate eta (Flower's default)", lo=0.0, lo_open=True)
+    beta_1: float = param(0.9, "first-moment decay", lo=0.0, hi=1.0, hi_open=True)
+    beta_2: float = param(0.99, "second-moment decay", lo=0.0, hi=1.0, hi_open=True)
+    tau: float = param(0.001, "adaptivity (added to sqrt(v))", lo=0.0, lo_open=True)
 
-    def flower_kwargs(self) -> dict:
-        s = self.cfg["strategy"]
-        return {"eta": float(s["server_lr"]), "eta_l": float(self.cfg["optimizer"]["lr"]),
-                "beta_1": float(s["beta_1"]), "beta_2": float(s["beta_2"]), "tau": float(s["tau"])}
 
-    def remember_sent(self, arrays: ArrayRecord) -> None:
-        self.current_arrays = {k: a.numpy() for k, a in arrays.items()}  # as Flower's FedOpt.configure_train
+class Server(ServerOptimizer):
+    params = Params
+
+    def __init__(self, cfg: dict):
+        super().__init__(cfg)
+        s = cfg["strategy"]
+        self.flower = FedAdam(eta=float(s["server_lr"]), eta_l=float(cfg["optimizer"]["lr"]),
+                              beta_1=float(s["beta_1"]), beta_2=float(s["beta_2"]), tau=float(s["tau"]))
+
+    def remember_sent(self, sent: ArrayRecord) -> None:
+        self.flower.current_arrays = {k: a.numpy() for k, a in sent.items()}  # as Flower's FedOpt.configure_train
 
     def server_state(self) -> dict:
         """Adam's first and second moments, keyed by array name."""
-        return {name: to_tensors(moment) for name, moment in (("m_t", self.m_t), ("v_t", self.v_t)) if moment}
+        f = self.flower
+        return {name: to_tensors(moment) for name, moment in (("m_t", f.m_t), ("v_t", f.v_t)) if moment}
 
     def load_server_state(self, state: dict) -> None:
-        self.m_t = to_numpy(state["m_t"]) if "m_t" in state else None
-        self.v_t = to_numpy(state["v_t"]) if "v_t" in state else None
-
-    @staticmethod
-    def validate_config(cfg: dict) -> None:
-        validate_common(cfg)
-        check_float(cfg, "strategy.beta_1", 0.0, 1.0, hi_open=True)
-        check_float(cfg, "strategy.beta_2", 0.0, 1.0, hi_open=True)
-        check_float(cfg, "strategy.tau", 0.0, lo_open=True)
+        self.flower.m_t = to_numpy(state["m_t"]) if "m_t" in state else None
+        self.flower.v_t = to_numpy(state["v_t"]) if "v_t" in state else None

@@ -5,9 +5,17 @@ copy of the global model on the client's own data before its local test (FedAvg-
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
-from fedlt.federation.algorithm import ClientAlgorithm, ClientContext
-from fedlt.federation.strategy import FedLTStrategy
+from fedlt.api.client import ClientAlgorithm, ClientContext
+from fedlt.api.server import ServerAlgorithm
+from fedlt.config import param
+
+
+@dataclass(frozen=True)
+class FedAvgParams:
+    finetune_epochs: int = param(0, "> 0: fine-tune a copy of the global model this many local epochs on the "
+                                    "client's own data before its local test (FedAvg-FT)", lo=0)
 
 
 class FedAvgClient(ClientAlgorithm):
@@ -25,5 +33,6 @@ class FedAvgClient(ClientAlgorithm):
         return {"finetuned": tuned}
 
 
-class Server(FedLTStrategy):
+class Server(ServerAlgorithm):
     client_cls = FedAvgClient
+    params = FedAvgParams

@@ -1,4 +1,4 @@
-"""FedBABU (Oh et al., 2022): the head is randomly initialised (the same for every client: the run's seeded
+"""FedBABU (Oh et al., ICLR 2022): the head is randomly initialised (the same for every client: the run's seeded
 initial model), sent once and **never updated during FL** (``frozen_prefixes``); only the body is trained and
 averaged. Generic predictor: the global body with that frozen head.
 
@@ -6,7 +6,21 @@ Personalization (``personalization_stage`` "after"): before its local test every
 the global model on its own training data for ``strategy.finetune_epochs`` epochs -- the whole model
 (``finetune_part: full``, the paper's main setting) or the head only (``head``) -- and predicts with it
 (``finetuned``, primary); ``global`` is the frozen-head global model on the same local test. The copy is
-discarded, so fine-tuning never leaks into training. Client loss: ``loss=`` (cross-entropy by default)."""
+discarded, so fine-tuning never leaks into training. Fine-tuning has its own optimiser, plain SGD with
+``strategy.finetune_lr`` and ``strategy.finetune_momentum`` (no weight decay), not the training optimiser.
+Client loss: ``loss=`` (cross-entropy by default), in training and fine-tuning.
+
+Checked against the official code, jhoon-oh/FedBABU at commit e34c15b4288224f0af1bc13670bc0cdc373c9576:
+``analysis.ipynb`` (personalization: ``personalization_epoch = 5`` epochs on the whole model, train mode, with
+``torch.optim.SGD`` over body and head at ``lr 1e-3``, ``momentum 0.9``, no weight decay, CE) and
+``scripts/run_fedbabu.sh`` (FL training: ``--lr 0.1 --momentum 0.90 --wd 0.0 --local_upt_part body
+--aggr_part body``). The defaults here are those: 5 epochs, lr 1e-3, momentum 0.9.
+
+Deviations:
+* the official notebook fine-tunes once, after the last round; fedlt fine-tunes a fresh copy before every
+  evaluation (``eval.every``), so the personalized numbers are available during training too;
+* fine-tuning uses the run's ``batch_size`` (official: ``local_bs`` 50, the training batch size as well) and the
+  run's ``loss=`` (official: CE, which is also fedlt's default)."""
 
 from __future__ import annotations
 
@@ -14,9 +28,10 @@ import copy
 
 from torch import nn
 
-from fedlt.config import check_choice, check_int
-from fedlt.federation.algorithm import ClientAlgorithm, ClientContext
-from fedlt.federation.strategy import FedLTStrategy
+from fedlt.api.client import ClientAlgorithm, ClientContext
+from fedlt.api.server import ServerAlgorithm
+from fedlt.config import check_choice, check_float, check_int
+from fedlt.train.local import run_local_epochs, sgd, supervised_step
 
 
 class FedBABUClient(ClientAlgorithm):
@@ -33,22 +48,27 @@ class FedBABUClient(ClientAlgorithm):
 
     def predictors(self, ctx: ClientContext):
         ctx.model.eval()
-        epochs = int(ctx.strategy["finetune_epochs"])
+        s = ctx.strategy
+        epochs = int(s["finetune_epochs"])
         if epochs <= 0:
             return {"global": ctx.model}
         tuned = copy.deepcopy(ctx.model)
         tuned.head.requires_grad_(True)
-        part = tuned.head if ctx.strategy["finetune_part"] == "head" else tuned
+        part = tuned.head if s["finetune_part"] == "head" else tuned
         tuned.train()
-        self.local_epochs(ctx, tuned, list(part.parameters()), epochs=epochs)
+        opt = sgd(list(part.parameters()), {"lr": float(s["finetune_lr"]), "momentum": float(s["finetune_momentum"])})
+        run_local_epochs(ctx.data, epochs, int(ctx.cfg["batch_size"]), ctx.generator,
+                         supervised_step(tuned, opt, self.loss_fn(ctx)), ctx.device)
         tuned.eval()
         return {"finetuned": tuned, "global": ctx.model}
 
 
-class Server(FedLTStrategy):
+class Server(ServerAlgorithm):
     client_cls = FedBABUClient
 
     @staticmethod
     def validate_config(cfg: dict) -> None:
         check_int(cfg, "strategy.finetune_epochs", 0)
         check_choice(cfg, "strategy.finetune_part", ("full", "head"))
+        check_float(cfg, "strategy.finetune_lr", 0.0, lo_open=True)
+        check_float(cfg, "strategy.finetune_momentum", 0.0, 1.0, hi_open=True)

@@ -1,16 +1,45 @@
-"""FedETF (Li et al., ICCV 2023; the official code's design, fedloge-protocol.md §10.3).
+"""FedETF (Li et al., ICCV 2023, "No Fear of Classifier Biases: Neural Collapse Inspired Federated Learning with
+Synthetic and Fixed Classifier").
 
 Model: body -> learnable projection (Linear d -> K) -> L2 normalisation -> logits s * h^T M, with M a fixed
 K x K simplex ETF (unit-norm class prototypes, pairwise cosine -1/(K-1)) and s a learnable scalar temperature
 (initialised to 1). M is built on the server from the run seed and sent once (``frozen_prefixes``); it is never
-trained or uploaded during FL. Local loss: balanced softmax on the client's counts
-(fedlt.train.losses.balanced_softmax). Body, projection and s are averaged as in FedAvg.
+trained or uploaded during FL. Local loss: balanced softmax CE(z + log n_c, y) on the client's counts, with an
+absent class counted as 1 (log-prior 0, so it keeps its share of the softmax). Body, projection and s are
+averaged as in FedAvg. The configured ``model.head`` is not used (the ETF is the classifier), so only
+``model.head=linear`` (the default) is accepted.
 
-Personalization (official: after FL, 20 alternating cycles of 3 epochs on the prototypes, SGD lr 0.1, then 3
-epochs on the projection, lr 0.05, momentum 0.9, wd 5e-4, both with CE, body frozen): before every local test,
-a copy of the global model is fine-tuned with ``strategy.finetune_cycles`` cycles of ``proto_epochs`` +
-``proj_epochs`` (1 x (1 + 1) by default, to keep evaluation cheap; set 20/3/3 for the official schedule).
-Personalized predictors: ``finetuned`` (primary) and ``global``; generic: the global model."""
+Personalization (``finetuned``, primary; ``global`` = the received global model), on a copy of the global model
+before every local test, in the official order:
+1. one extra local round of ``strategy.extra_epochs`` epochs (null = ``local_epochs``, the official E) of FedETF
+   training: balanced softmax, the run's optimiser, body + projection + s trained;
+2. ``strategy.finetune_cycles`` alternating cycles of ``proto_epochs`` epochs on the ETF prototypes (SGD
+   ``proto_lr``, no momentum) and ``proj_epochs`` epochs on the projection (SGD ``proj_lr`` with the run's
+   ``optimizer.momentum`` and ``optimizer.weight_decay``), both with CE, everything else frozen, a new optimiser
+   for every phase of every cycle.
+The whole copy stays in train mode throughout (BatchNorm statistics follow the local data), as officially.
+
+Checked against the official code, ZexiLee/ICCV-2023-FedETF at commit 092ace3471d0489c432fcde811ed7b7081042720:
+``models_dict/proto_classifiers.py`` (``Proto_Classifier``: sqrt(K/(K-1)) P (I - 11^T/K), P from the QR of a
+uniform random matrix), ``models_dict/resnet.py`` (``linear_proto``, L2 normalisation, ``scaling_train`` = 1),
+``nodes.py`` (``generate_sample_per_class``: ``torch.where(sample_per_class > 0, sample_per_class, 1)``),
+``client_funct.py`` (``balanced_softmax_loss``, ``client_fedetf``; ``Client_personalization``: ``Client_update``
+-- one round of E epochs with balanced softmax for every client -- then ``for _ in range(20)``: 3 epochs on
+``proto`` with SGD lr 0.1, 3 epochs on ``linear_proto`` with SGD lr 0.05, ``momentum=args.momentum``,
+``weight_decay=args.local_wd_rate``, CE), ``args.py`` (lr 0.04, momentum 0.9, wd 5e-4, batch 128) and ``main.py``
+(E = 3, 200 rounds, personalization once after the last round).
+
+Deviations:
+* budget: the default fine-tuning is 1 x (1 + 1) epochs after the extra round, to keep evaluation cheap on a CPU;
+  the official schedule is ``strategy.finetune_cycles=20 strategy.proto_epochs=3 strategy.proj_epochs=3`` (use it
+  with the 500-round presets, e.g. ``experiment=fedloge_cifar10_a0.5_if100 strategy=fedetf``);
+* when: the official code personalizes once, after the last round; fedlt personalizes a fresh copy before every
+  evaluation (``eval.every``), so each evaluation costs the fine-tuning budget per client (set
+  ``eval.every=0`` to personalize only after the last round, as officially);
+* the official clients keep one SGD optimiser (and its momentum) for the whole run and reuse it in the extra
+  round; fedlt re-creates the run's optimiser every round, as for every method;
+* the ETF is K x K as the official ``Proto_Classifier(num_classes, num_classes)``; its random rotation is drawn
+  from the run seed (``ETF_STREAM``) instead of NumPy's global state."""
 
 from __future__ import annotations
 
@@ -21,9 +50,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedlt.config import check_float, check_int
-from fedlt.federation.algorithm import ClientAlgorithm, ClientContext
-from fedlt.federation.strategy import FedLTStrategy
+from fedlt.config import ConfigError, check_float, check_int
+from fedlt.api.client import ClientAlgorithm, ClientContext
+from fedlt.api.server import ServerAlgorithm
+from fedlt.models import head_name
 from fedlt.seeding import INIT, derive_seed
 from fedlt.train.local import run_local_epochs, sgd, supervised_step
 from fedlt.train.losses import balanced_softmax
@@ -64,12 +94,23 @@ class ETFClassifier(nn.Module):
         return self.scale * (h @ self.etf.prototypes)
 
 
+def floored_counts(counts: torch.Tensor) -> torch.Tensor:
+    """The official balanced-softmax counts: a class the client does not hold counts as 1 (log-prior 0)."""
+    return torch.as_tensor(counts, dtype=torch.float32).clamp(min=1.0)
+
+
+def extra_epochs(cfg: dict) -> int:
+    """Epochs of the extra local round before fine-tuning (``strategy.extra_epochs``; null = ``local_epochs``)."""
+    e = cfg["strategy"].get("extra_epochs")
+    return int(cfg["local_epochs"] if e is None else e)
+
+
 class FedETFClient(ClientAlgorithm):
     frozen_prefixes = ("etf.",)
 
     @classmethod
     def personalization_stage(cls, cfg: dict) -> str:
-        return "after" if int(cfg["strategy"]["finetune_cycles"]) > 0 else "before"
+        return "after" if int(cfg["strategy"]["finetune_cycles"]) > 0 or extra_epochs(cfg) > 0 else "before"
 
     @staticmethod
     def build_model(base: nn.Module, cfg: dict) -> nn.Module:
@@ -77,34 +118,36 @@ class FedETFClient(ClientAlgorithm):
         return ETFClassifier(base.backbone, base.feature_dim, base.num_classes, simplex_etf(base.num_classes, g))
 
     def loss_fn(self, ctx: ClientContext):
-        return balanced_softmax(ctx.data.train_counts.float())
+        return balanced_softmax(floored_counts(ctx.data.train_counts))
 
     def predictors(self, ctx: ClientContext):
         ctx.model.eval()
         s = ctx.strategy
-        if int(s["finetune_cycles"]) <= 0:
+        cycles, extra = int(s["finetune_cycles"]), extra_epochs(ctx.cfg)
+        if cycles <= 0 and extra <= 0:
             return {"global": ctx.model}
-        tuned = copy.deepcopy(ctx.model)
+        tuned = copy.deepcopy(ctx.model).train()  # train mode throughout, as officially
+        if extra > 0:  # 1. one extra local round with balanced softmax (body, projection, s)
+            self.local_epochs(ctx, tuned, [p for p in tuned.parameters() if p.requires_grad], epochs=extra)
         tuned.requires_grad_(False)
-        tuned.train()
-        tuned.backbone.eval()  # the body is frozen: keep its BatchNorm statistics too
-        proto_opt = sgd([tuned.etf.prototypes], {"lr": float(s["proto_lr"])})
-        proj_opt = sgd(list(tuned.projection.parameters()),
-                       {"lr": float(s["proj_lr"]), "momentum": 0.9, "weight_decay": 5e-4})
-        batch = int(ctx.cfg["batch_size"])
-        for _ in range(int(s["finetune_cycles"])):
-            for params, opt, epochs in (([tuned.etf.prototypes], proto_opt, s["proto_epochs"]),
-                                        (list(tuned.projection.parameters()), proj_opt, s["proj_epochs"])):
+        batch, opt_cfg = int(ctx.cfg["batch_size"]), ctx.cfg["optimizer"]
+        proj_cfg = {"lr": float(s["proj_lr"]), "momentum": float(opt_cfg.get("momentum", 0.0)),
+                    "weight_decay": float(opt_cfg.get("weight_decay", 0.0))}
+        phases = (([tuned.etf.prototypes], {"lr": float(s["proto_lr"])}, int(s["proto_epochs"])),
+                  (list(tuned.projection.parameters()), proj_cfg, int(s["proj_epochs"])))
+        for _ in range(cycles):  # 2. alternating prototype / projection fine-tuning with CE
+            for params, opt_settings, epochs in phases:
                 for p in params:
                     p.requires_grad_(True)
-                run_local_epochs(ctx.data, int(epochs), batch, ctx.generator,
+                opt = sgd(params, opt_settings)  # a new optimiser every phase, as officially
+                run_local_epochs(ctx.data, epochs, batch, ctx.generator,
                                  supervised_step(tuned, opt, F.cross_entropy), ctx.device)
                 for p in params:
                     p.requires_grad_(False)
         return {"finetuned": tuned.eval(), "global": ctx.model}
 
 
-class Server(FedLTStrategy):
+class Server(ServerAlgorithm):
     client_cls = FedETFClient
 
     @staticmethod
@@ -112,5 +155,13 @@ class Server(FedLTStrategy):
         require_ce(cfg, "FedETF trains with balanced softmax on local counts")
         for key in ("finetune_cycles", "proto_epochs", "proj_epochs"):
             check_int(cfg, f"strategy.{key}", 0)
+        if cfg["strategy"].get("extra_epochs") is not None:
+            check_int(cfg, "strategy.extra_epochs", 0)
         check_float(cfg, "strategy.proto_lr", 0.0, lo_open=True)
         check_float(cfg, "strategy.proj_lr", 0.0, lo_open=True)
+        head = head_name(cfg.get("model"))
+        if head != "linear":
+            raise ConfigError(
+                f"invalid combination strategy=fedetf with model.head={head}: FedETF replaces the configured head "
+                f"by its own classifier (projection, L2 normalisation and the fixed simplex ETF), so model.head "
+                f"would be ignored; leave model.head=linear (the default).")

@@ -28,14 +28,15 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedlt.config import ConfigError, check_bool, check_choice, check_float, check_int
-from fedlt.federation.algorithm import ClientAlgorithm, ClientContext, Predictor
-from fedlt.federation.strategy import FedLTStrategy
+from fedlt.config import ConfigError, param
+from fedlt.api.client import ClientAlgorithm, ClientContext, Predictor
+from fedlt.api.server import ServerAlgorithm
 from fedlt.seeding import derive_seed
 from fedlt.train.local import run_local_epochs, sgd
 
@@ -305,12 +306,34 @@ class FedLoGeClient(ClientAlgorithm):
 
 
 # ============================================================================================ server
-class Server(FedLTStrategy):
+@dataclass(frozen=True)
+class Params:
+    """Defaults are the official code's (ZackZikaiXiao/FedLoGe)."""
+
+    beta: float = param(0.6, "SSE-C sparsity: exactly int(beta*d*K) entries of the d x K ETF are fixed zeros",
+                        lo=0.0, hi=1.0, hi_open=True)
+    gamma: float = param(0.1, "target column norm of the SSE-C refinement; acts like an inverse temperature "
+                              "(0.1 official; tuned for 500 rounds)", lo=0.0, lo_open=True)
+    refine_steps: int = param(10_000, "full-batch Adam steps refining the non-zero entries (0 = pruned ETF as is)",
+                              lo=0)
+    refine_lr: float = param(1e-4, "Adam learning rate of the refinement", lo=0.0, lo_open=True)
+    bias: str = param("frozen_random", "frozen_random: frozen seeded bias as in the official code; none: no bias",
+                      choices=BIAS_MODES)
+    realign_scale: float = param(1.7, "GA-FR: psi'_c = realign_scale * psi_c / ||psi_c|| (official 1.7)", lo=0.0,
+                                 lo_open=True)
+    realign_bias: str = param("keep", "GA-FR bias of psi': keep (official) or zero", choices=REALIGN_BIAS_MODES)
+    transfer_normalised_psi: bool = param(False, "LA-FR with psi_c/||psi_c|| instead of raw psi (ablation)")
+    generic_primary: str = param("psi_realigned", "what generic/accuracy reports: psi_realigned (GA-FR psi'), "
+                                                  "sse_c or psi", choices=GENERIC_PREDICTORS)
+
+
+class Server(ServerAlgorithm):
     """Flower's FedAvg aggregation already averages exactly what clients upload: the backbone (weights and
     BatchNorm buffers) and psi, weighted by sample counts; the SSE-C (frozen) and phi_k (personal) never
     travel back."""
 
     client_cls = FedLoGeClient
+    params = Params
 
     def frozen_arrays(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Build the SSE-C once, seeded by the run seed (the refinement runs before round 1)."""
@@ -340,15 +363,6 @@ class Server(FedLTStrategy):
 
     @staticmethod
     def validate_config(cfg: dict) -> None:
-        check_float(cfg, "strategy.beta", 0.0, 1.0, hi_open=True)
-        check_float(cfg, "strategy.gamma", 0.0, lo_open=True)
-        check_int(cfg, "strategy.refine_steps", 0)
-        check_float(cfg, "strategy.refine_lr", 0.0, lo_open=True)
-        check_choice(cfg, "strategy.bias", BIAS_MODES)
-        check_float(cfg, "strategy.realign_scale", 0.0, lo_open=True)
-        check_choice(cfg, "strategy.realign_bias", REALIGN_BIAS_MODES)
-        check_bool(cfg, "strategy.transfer_normalised_psi")
-        check_choice(cfg, "strategy.generic_primary", GENERIC_PREDICTORS)
         loss = (cfg.get("loss") or {}).get("name", "ce")
         if loss != "ce":
             raise ConfigError(

@@ -13,8 +13,8 @@ import copy
 
 from torch import nn
 
-from fedlt.federation.algorithm import ClientAlgorithm, ClientContext
-from fedlt.federation.strategy import FedLTStrategy
+from fedlt.api.client import ClientAlgorithm, ClientContext
+from fedlt.api.server import ServerAlgorithm
 
 
 class FedPerClient(ClientAlgorithm):
@@ -40,7 +40,7 @@ class FedPerClient(ClientAlgorithm):
         model.averaged_head.load_state_dict(model.head.state_dict())
 
 
-class Server(FedLTStrategy):
+class Server(ServerAlgorithm):
     client_cls = FedPerClient
 
     def generic_predictors(self, model: nn.Module):

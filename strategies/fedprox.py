@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from fedlt.config import check_float
-from strategies.fedavg import FedAvgClient
+from dataclasses import dataclass
+
+from fedlt.config import param
+from strategies.fedavg import FedAvgClient, FedAvgParams
 from strategies.fedavg import Server as FedAvgServer
 
 
@@ -23,9 +25,11 @@ class FedProxClient(FedAvgClient):
         return self.local_epochs(ctx, ctx.model, params, extra=proximal if mu > 0 else None)
 
 
+@dataclass(frozen=True)
+class Params(FedAvgParams):
+    mu: float = param(0.01, "proximal strength (the FedLoGe baselines use 0.01)", lo=0.0)
+
+
 class Server(FedAvgServer):
     client_cls = FedProxClient
-
-    @staticmethod
-    def validate_config(cfg: dict) -> None:
-        check_float(cfg, "strategy.mu", 0.0)
+    params = Params

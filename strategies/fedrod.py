@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedlt.federation.algorithm import ClientAlgorithm, ClientContext
-from fedlt.federation.strategy import FedLTStrategy
+from fedlt.api.client import ClientAlgorithm, ClientContext
+from fedlt.api.server import NoParams, ServerAlgorithm
 from fedlt.train.local import run_local_epochs, sgd
 from fedlt.train.losses import balanced_softmax
 from strategies._common import require_ce
@@ -67,8 +67,9 @@ class FedRoDClient(ClientAlgorithm):
         return {"personal": personal, "generic_head": model}
 
 
-class Server(FedLTStrategy):
+class Server(ServerAlgorithm):
     client_cls = FedRoDClient
+    params = NoParams
 
     @staticmethod
     def validate_config(cfg: dict) -> None:

@@ -12,13 +12,11 @@ Generic accuracy is **not applicable** (there is no global model): ``generic/acc
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, Message
 
-from fedlt.federation.algorithm import ClientAlgorithm
-from fedlt.federation.strategy import FedLTStrategy
+from fedlt.api.client import ClientAlgorithm
+from fedlt.api.server import NoParams, ServerAlgorithm
 
 
 class LocalClient(ClientAlgorithm):
@@ -29,15 +27,15 @@ class LocalClient(ClientAlgorithm):
         return "after"  # each client's own model
 
 
-class Server(FedLTStrategy):
+class Server(ServerAlgorithm):
     client_cls = LocalClient
+    params = NoParams
 
-    def aggregate_train(self, server_round: int,
-                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate(self, server_round: int, sent: ArrayRecord, replies: list[Message]) -> ArrayRecord | None:
         uploaded = [k for r in replies for rec in r.content.array_records.values() for k in rec.keys()]
         if uploaded:
             raise RuntimeError(f"local: a client uploaded model arrays {uploaded[:3]}; nothing may be shared")
-        return None, None
+        return None
 
     def generic_metrics(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int,
                         batch_size: int, evaluation=None) -> tuple[dict, dict]:

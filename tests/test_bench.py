@@ -44,7 +44,7 @@ def test_bench_compares_the_flower_path_with_a_bare_loop_doing_the_same_work():
 @needs_fmnist
 def test_updates_mode_reports_sequential_and_batched_throughput_on_cpu():
     from fedlt.bench import compose
-    from fedlt.federation.batched import updates_benchmark
+    from fedlt.bench import updates_benchmark
 
     cfg = compose([o for o in TINY if not o.startswith(("num_clients", "dataset.n_max"))]
                   + ["num_clients=6", "dataset.n_max=600", "backend.device=cpu"])

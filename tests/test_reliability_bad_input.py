@@ -84,9 +84,9 @@ NEEDS_DATA = {"too-many-clients"}
 @pytest.fixture(scope="module")
 def places(tmp_path_factory):
     """Run directories to resume: a valid one with a round-2 checkpoint, and broken variants."""
-    from fedlt.federation import checkpoint
-    from fedlt.federation.checkpoint import RunState
-    from tests.federation.inprocess import compose
+    from fedlt.core import checkpoint
+    from fedlt.core.checkpoint import RunState
+    from tests.core.probe import compose
 
     root = tmp_path_factory.mktemp("places")
     cfg = compose("experiment=smoke", "num_rounds=3")
@@ -149,7 +149,7 @@ def assert_refused(code, err: str, named: str, run_dir: Path, t0: float) -> None
 @pytest.mark.parametrize("case,overrides,named", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_in_process(case, overrides, named, places, tmp_path, monkeypatch, capsys):
     from fedlt import cli
-    from fedlt.federation.ray_backend import ray_descendants
+    from fedlt.flower.ray_backend import ray_descendants
     from tests.conftest import fmnist_available
 
     if case in NEEDS_DATA and not fmnist_available():

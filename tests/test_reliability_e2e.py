@@ -142,7 +142,7 @@ def test_failing_clients_are_survived_and_logged_per_client(tmp_path):
     (round 2), an exception in training (round 3), exceptions in evaluation (rounds 1, 2) and an actor death in
     evaluation (round 3). Every failure is logged with its client id and reason; the run completes; the other
     clients are unaffected (the set of failures is exactly the injected one)."""
-    from fedlt.federation.client_app import injected_fault
+    from fedlt.core.faults import injected_fault
     from strategies import get_strategy
 
     run_dir = tmp_path / "faults"

@@ -20,7 +20,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from fedlt.data.federated import ClientData, DataPlan  # noqa: E402
-from fedlt.federation.algorithm import ClientAlgorithm, ClientContext  # noqa: E402
+from fedlt.api.client import ClientAlgorithm, ClientContext  # noqa: E402
 from fedlt.models import build_model  # noqa: E402
 from fedlt.seeding import INIT, TRAIN, derive_seed, torch_generator  # noqa: E402
 

@@ -17,13 +17,14 @@ verifies its md5 and extracts it; nothing is ever downloaded otherwise.
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import io
 import os
 import pickle
+import re
 import shutil
 import tarfile
-import tempfile
 import urllib.request
 import zlib
 from pathlib import Path
@@ -31,7 +32,8 @@ from pathlib import Path
 import numpy as np
 
 from fedlt.data.imagefolder import DECODER_VERSION, ImageArchive, channel_stats, decode_split, resolve_path, scan
-from fedlt.data.sources import DataError, SourceArrays, cached_arrays, sha256_files
+from fedlt.data.sources import (DataError, SourceArrays, cache_lock, cache_write_error, cached_arrays,
+                                remove_stale_temps, sha256_files, temp_name)
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 CIFAR100_CLASSES = [
@@ -80,7 +82,8 @@ OFFICIAL = {
                          "eb9058c3a382ffc7106e4002c42a8d85", "cifar-100-python", CIFAR100_CLASSES,
                          ("cifar100-png.zip", "cifar100.zip"), ("cifar100-png", "cifar100")),
 }
-# Copies whose sha256 is known (../shared/data/README.md). Recorded as information, never required.
+# Copies whose sha256 is known: the JPEG / PNG zips of the official splits that fedlt's data folder
+# (FEDLT_DATA_ROOT) is set up with. Recorded as information, never required.
 KNOWN_SHA256 = {
     "a841a7cf47af83a7bb5190b4f08b18a9ec146ff14ef965f07c08081f988c201e":
         "cifar10-jpeg.zip (JPEG-compressed, official split)",
@@ -124,25 +127,33 @@ def md5_file(path: Path) -> str:
 
 def extract_tar(archive: Path, dest_dir: Path, folder: str) -> Path:
     """Extract ``archive`` (only regular files and folders, nothing outside the target) and move its ``folder``
-    to ``dest_dir/folder`` in one rename: an interrupted or failed extraction leaves nothing behind."""
-    dest_dir.mkdir(parents=True, exist_ok=True)
+    to ``dest_dir/folder`` in one rename: an interrupted or failed extraction leaves nothing behind (a temporary
+    folder of a killed extraction is removed by the next one)."""
     target = dest_dir / folder
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder}-", dir=dest_dir))
-    try:
+    with cache_lock(dest_dir, folder, "the extracted CIFAR archive"):
+        remove_stale_temps(dest_dir, folder, old_style=rf"\.{re.escape(folder)}-[a-z0-9_]{{8}}")
+        tmp = dest_dir / temp_name(folder)
         try:
-            with tarfile.open(archive, "r:*") as tf:
-                tf.extractall(tmp, filter="data")
-        except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-            raise DataError(f"{archive} is not a readable tar archive ({e}): it is corrupt or truncated; delete it "
-                            f"and download it again") from e
-        if not (tmp / folder).is_dir():
-            raise DataError(f"{archive} does not contain the folder {folder}/; it is not the official archive")
-        try:
-            os.replace(tmp / folder, target)
-        except OSError:  # a concurrent extraction won; its copy is identical
-            pass
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            try:
+                tmp.mkdir()
+                with tarfile.open(archive, "r:*") as tf:
+                    tf.extractall(tmp, filter="data")
+            except (tarfile.TarError, EOFError, zlib.error) as e:
+                raise DataError(f"{archive} is not a readable tar archive ({e}): it is corrupt or truncated; "
+                                f"delete it and download it again") from e
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR):
+                    raise cache_write_error(e, dest_dir, "the extracted CIFAR archive") from e
+                raise DataError(f"{archive} is not a readable tar archive ({e}): it is corrupt or truncated; "
+                                f"delete it and download it again") from e
+            if not (tmp / folder).is_dir():
+                raise DataError(f"{archive} does not contain the folder {folder}/; it is not the official archive")
+            try:
+                os.replace(tmp / folder, target)
+            except OSError:  # already extracted (a folder that is not empty is not replaced)
+                pass
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

@@ -85,7 +85,8 @@ def compose_config(overrides: list[str]) -> dict:
 def inspect_split(overrides: list[str], figure: str | None = None) -> dict:
     """Compose + validate + prepare; return the summary (and write the figure when asked). Raises the user
     errors of :func:`fedlt.cli.user_errors`."""
-    from fedlt.config import ConfigError, validate
+    from fedlt.config import ConfigError
+    from fedlt.validate import validate
     from fedlt.data.federated import prepare, summary
 
     try:

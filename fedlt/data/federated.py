@@ -2,16 +2,20 @@
 
 ``prepare`` loads the source, applies the long-tail profile, partitions the long-tailed training set over the
 clients and draws the local test sets. The split (index arrays only) is cached under
-``<cache_dir>/splits/<hash>.npz``, keyed by everything it depends on. Client actors receive a small, picklable
-:class:`DataPlan` and open the memory-mapped source arrays and the split once per process (``client_data``).
+``<cache_dir>/splits/<hash>.npz``, keyed by everything it depends on; a damaged split file (truncated, missing
+arrays) is drawn again (the draw is seeded: the new file holds the same split). Client actors receive a small,
+picklable :class:`DataPlan` and open the memory-mapped source arrays and the split once per process
+(``client_data``); a file damaged after ``prepare`` is a DataError there that names it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
-import tempfile
+import zipfile
+import zlib
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -20,10 +24,13 @@ import numpy as np
 import torch
 
 from fedlt.data.augment import to_float
-from fedlt.data.local_test import holdout_local_tests, local_test_overlap, proportional_local_tests
+from fedlt.data.local_testsets import holdout_local_tests, local_test_overlap, proportional_local_tests
 from fedlt.data.longtail import IF_CONVENTION, longtail_counts, select_longtail
 from fedlt.data.partition import GUARD_PARAMS, partition
-from fedlt.data.sources import DataError, SourceArrays, load_source, open_cached_source
+from fedlt.data.sources import (DataError, SourceArrays, cache_lock, cache_write_error, discard, load_source,
+                                open_cached_source, remove_stale_temps, temp_name)
+
+log = logging.getLogger("fedlt")
 
 
 @dataclass(frozen=True)
@@ -53,10 +60,11 @@ class FederatedSplit:
     local_test_split: str = "test"  # "test": local tests drawn from the test split; "train": held out (holdout)
 
     def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".split-", suffix=".npz", dir=path.parent)
-        os.close(fd)
+        """Write to a temporary name beside ``path`` and rename it into place (readers never see half a file;
+        permissions from the umask, like any other file). Call it holding the split's :func:`cache_lock`."""
+        tmp = path.with_name(temp_name(path.stem, ".npz"))
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             arrays = {"lt_indices": self.lt_indices, "class_counts": self.class_counts,
                       "global_counts": self.global_counts, "local_test_split": np.array(self.local_test_split)}
             for k, (tr, te) in enumerate(zip(self.client_train, self.client_test, strict=True)):
@@ -65,19 +73,49 @@ class FederatedSplit:
             with open(tmp, "wb") as f:
                 np.savez(f, **arrays)
             os.replace(tmp, path)
+        except OSError as e:
+            raise cache_write_error(e, path.parent, "the drawn splits") from e
         finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            tmp.unlink(missing_ok=True)
 
     @classmethod
     def load(cls, path: str | Path) -> "FederatedSplit":
-        with np.load(path) as z:
-            n = int(z["class_counts"].shape[0])
-            return cls(
-                lt_indices=z["lt_indices"], class_counts=z["class_counts"], global_counts=z["global_counts"],
-                client_train=[z[f"train_{k}"] for k in range(n)], client_test=[z[f"test_{k}"] for k in range(n)],
-                local_test_split=str(z["local_test_split"]) if "local_test_split" in z.files else "test",
-            )
+        """Read a saved split; a damaged file (truncated, missing arrays, inconsistent) is a DataError that says
+        what is wrong and to delete it (``prepare`` draws a damaged split again by itself)."""
+        path = Path(path)
+        try:
+            with np.load(path) as z:
+                n = int(z["class_counts"].shape[0])
+                split = cls(
+                    lt_indices=z["lt_indices"], class_counts=z["class_counts"], global_counts=z["global_counts"],
+                    client_train=[z[f"train_{k}"] for k in range(n)], client_test=[z[f"test_{k}"] for k in range(n)],
+                    local_test_split=str(z["local_test_split"]) if "local_test_split" in z.files else "test",
+                )
+        except FileNotFoundError as e:
+            raise DataError(f"the split file {path} is missing; run again (fedlt draws it again)") from e
+        except (OSError, ValueError, KeyError, EOFError, IndexError, zipfile.BadZipFile, zlib.error) as e:
+            what = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+            raise DataError(f"the split file {path} is damaged ({what}); delete {path} and run again (fedlt draws "
+                            f"the same split again)") from e
+        problem = split.problem()
+        if problem:
+            raise DataError(f"the split file {path} is damaged ({problem}); delete {path} and run again (fedlt draws "
+                            f"the same split again)")
+        return split
+
+    def problem(self) -> str | None:
+        """Why the arrays do not form a split (None when they do)."""
+        n = len(self.client_train)
+        if self.class_counts.ndim != 2 or self.class_counts.shape[0] != n:
+            return f"class_counts has shape {list(self.class_counts.shape)} for {n} clients"
+        if self.global_counts.shape != (self.class_counts.shape[1],):
+            return f"global_counts has shape {list(self.global_counts.shape)} for {self.class_counts.shape[1]} classes"
+        arrays = [self.lt_indices, *self.client_train, *self.client_test]
+        if any(a.ndim != 1 or a.dtype.kind not in "iu" for a in arrays):
+            return "an index array is not a list of integers"
+        if self.local_test_split not in ("test", "train"):
+            return f"local_test_split is {self.local_test_split!r}"
+        return None
 
 
 SPLIT_VERSION = 2  # part of the split cache key: bump when the way a split is drawn changes
@@ -114,12 +152,9 @@ def profile_counts(source: SourceArrays, d: dict) -> np.ndarray:
 
 
 def build_split(source: SourceArrays, cfg: dict) -> FederatedSplit:
-    from fedlt.config import validate_data_size
-
     d, p = cfg["dataset"], cfg["partition"]
     k = source.num_classes
     counts = profile_counts(source, d)
-    validate_data_size(cfg, int(counts.sum()))
     lt_idx = select_longtail(np.asarray(source.train_y), counts, seed=int(d.get("longtail_seed", 0)))
     lt_labels = np.asarray(source.train_y)[lt_idx]
     params = {key: v for key, v in p.items() if key not in GUARD_PARAMS}
@@ -143,12 +178,19 @@ def prepare(cfg: dict) -> tuple[DataPlan, FederatedSplit, SourceArrays]:
     """Load (or reuse) the source and the split for a validated run config."""
     source = load_source(cfg["dataset"], cfg.get("data_root"), cfg["cache_dir"])
     cache = Path(os.path.expanduser(str(cfg["cache_dir"]))) / "splits"
-    path = cache / f"{split_key(source, cfg)}.npz"
-    if path.exists():
-        split = FederatedSplit.load(path)
-    else:
-        split = build_split(source, cfg)
-        split.save(path)
+    key = split_key(source, cfg)
+    path = cache / f"{key}.npz"
+    split, _ = _cached_split(path, int(cfg["num_clients"]))
+    if split is None:  # absent or damaged: draw it (seeded, so a damaged file is replaced by the same split)
+        with cache_lock(cache, key, "the drawn splits"):
+            remove_stale_temps(cache, key, old_style=r"\.split-[a-z0-9_]{8}\.npz")
+            split, damage = _cached_split(path, int(cfg["num_clients"]))  # another process may have drawn it
+            if split is None:
+                if damage:
+                    log.warning("%s; drawing the split again", damage)
+                    discard(path, key)
+                split = build_split(source, cfg)
+                split.save(path)
     aug = cfg["dataset"].get("augment") or {}
     plan = DataPlan(
         source_name=source.name, source_cache=source.cache_dir, split_path=str(path), mean=tuple(source.mean),
@@ -157,6 +199,19 @@ def prepare(cfg: dict) -> tuple[DataPlan, FederatedSplit, SourceArrays]:
         label_suffix=source.label_suffix, local_test_split=split.local_test_split,
     )
     return plan, split, source
+
+
+def _cached_split(path: Path, num_clients: int) -> tuple[FederatedSplit | None, str | None]:
+    """The split saved at ``path``, or (None, why not): absent, or damaged (the reason)."""
+    if not path.exists():
+        return None, None
+    try:
+        split = FederatedSplit.load(path)
+    except DataError as e:
+        return None, str(e).split("; delete")[0]
+    if len(split.client_train) != num_clients:
+        return None, f"the split file {path} holds {len(split.client_train)} clients, not {num_clients}"
+    return split, None
 
 
 def summary(split: FederatedSplit, source: SourceArrays, cfg: dict) -> dict:

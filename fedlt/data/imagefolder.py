@@ -135,6 +135,11 @@ def decode_images(archive: ImageArchive, members: list[str], size: tuple[int, in
                 if size is not None and im.size != (size[1], size[0]):
                     im = im.resize((size[1], size[0]), Image.Resampling.BILINEAR)
                 arr = np.asarray(im, dtype=np.uint8)
+        except Image.DecompressionBombError as e:  # a header claiming more pixels than any data set image has
+            reason = str(e).rstrip(".")
+            raise DataError(f"image {name} in {archive.path} is refused as a possible decompression bomb ({reason}): "
+                            f"decoding it could exhaust the machine's memory. The file is damaged or not an image "
+                            f"of a data set; remove it from the data set") from e
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError, zlib.error) as e:
             raise DataError(f"image {name} in {archive.path} cannot be decoded ({e}): the file is corrupt or "
                             f"truncated; replace it or remove it from the data set") from e

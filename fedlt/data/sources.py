@@ -2,26 +2,39 @@
 
 A source yields :class:`SourceArrays` (uint8 images N x H x W x C, int64 labels, the official class order).
 Decoded arrays are cached under ``<cache_dir>/sources/<name>-<hash>/`` keyed by the SHA-256 of the raw
-files, written to a temporary folder and renamed into place, so a second run starts without decoding and an
-interrupted decode never leaves a half-written cache. Arrays are opened memory-mapped: every Ray actor on a
-machine shares the same page cache instead of holding its own copy.
+files, written to a temporary folder (``.<key>.tmp-*``) and renamed into place, so a second run starts without
+decoding and an interrupted decode never leaves a half-written cache. Arrays are opened memory-mapped: every Ray
+actor on a machine shares the same page cache instead of holding its own copy.
+
+A damaged cache is never used: before a cache is opened its ``meta.json`` and the header and size of every
+``.npy`` file are checked (a truncated or missing file, a folder left by a killed decode); a damaged cache is
+decoded again, under a lock (``.<key>.lock``, removed afterwards) so that processes sharing the cache decode
+it once, and temporary folders of killed decodes are removed. A cache folder that cannot be written is one
+clear :class:`DataError`; an already complete cache is only read, so a read-only shared cache works.
 """
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
 import json
+import logging
 import os
+import re
+import secrets
 import shutil
 import struct
-import tempfile
+import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+log = logging.getLogger("fedlt")
 
 
 class DataError(RuntimeError):
@@ -82,37 +95,231 @@ def _array_names(arrays: dict) -> list[str]:
     return [*ARRAY_NAMES, *extra]
 
 
+# ------------------------------------------------------------------------------------------- cache folders
+CACHE_HINT = "choose another folder with cache_dir=PATH (or the environment variable FEDLT_CACHE_DIR)"
+OLD_TEMP_AGE_S = 3600  # temporary names of older fedlt versions carry no lock: removed once this old
+
+
+def cache_write_error(e: OSError, folder: Path, what: str = "the decoded data") -> DataError:
+    """One paragraph for a cache folder that cannot be written (read-only, a file, a full disk)."""
+    code = getattr(e, "errno", None)
+    if code == errno.ENOSPC or code == errno.EDQUOT:
+        why = f"the device holding {folder} is full (nothing half-written was kept); free space there, or"
+    elif code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        why = (f"{folder} is not writable ({e.strerror}); fedlt keeps {what} there, decoded once and reused. "
+               f"Make it writable, or")
+    elif code in (errno.ENOTDIR, errno.EEXIST):
+        why = f"{e.filename or folder} is a file where fedlt needs a folder for {what}; move it away, or"
+    else:
+        why = f"{what} cannot be written to {folder} ({e.strerror or e}); check the folder, or"
+    return DataError(f"{why} {CACHE_HINT}.")
+
+
+@contextmanager
+def cache_lock(folder: Path, name: str, what: str = "the decoded data") -> Iterator[None]:
+    """Hold the exclusive lock ``folder/.<name>.lock`` (creating ``folder``): one process at a time builds
+    ``name``; others wait, then find it built. The lock file is removed on release (a waiter that opened the
+    removed file notices and retries), so nothing is left behind; a process that dies releases it."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no cross-process lock
+        folder.mkdir(parents=True, exist_ok=True)
+        yield
+        return
+    path = folder / f".{name}.lock"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.warning("waiting for another fedlt process that is preparing %s in %s", what, folder)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # the holder removed this lock file while we waited: take the new one
+    except OSError as e:
+        raise cache_write_error(e, folder, what) from e
+    try:
+        yield
+    finally:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        os.close(fd)
+
+
+def temp_name(name: str, suffix: str = "") -> str:
+    """A hidden temporary name for ``name`` (unique per process and call)."""
+    return f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}{suffix}"
+
+
+def remove_stale_temps(folder: Path, name: str, old_style: str | None = None) -> list[Path]:
+    """Remove the temporary files and folders of ``name`` left by killed processes. Call it holding
+    :func:`cache_lock` for ``name``: every live writer of ``name`` holds that lock, so any temporary of ``name``
+    found then is stale. ``old_style`` (a regex) matches names older fedlt versions used; those are removed only
+    when older than an hour (they carry no lock)."""
+    removed = []
+    if not folder.is_dir():
+        return removed
+    prefix = f".{name}.tmp-"
+    for p in folder.iterdir():
+        stale = p.name.startswith(prefix)
+        if not stale and old_style and re.fullmatch(old_style, p.name):
+            try:
+                stale = time.time() - p.lstat().st_mtime > OLD_TEMP_AGE_S
+            except OSError:
+                stale = False
+        if stale:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            removed.append(p)
+    if removed:
+        log.warning("removed %d temporary item(s) left in %s by an interrupted fedlt process (%s)", len(removed),
+                    folder, ", ".join(p.name for p in removed))
+    return removed
+
+
+def _npy_problem(path: Path, shape=None) -> str | None:
+    """Why ``path`` is not a complete .npy file (None when it is): missing, unreadable header, truncated."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                header_shape, _fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            else:
+                header_shape, _fortran, dtype = np.lib.format.read_array_header_2_0(f)
+            offset = f.tell()
+    except FileNotFoundError:
+        return f"{path.name} is missing"
+    except (OSError, ValueError, EOFError, SyntaxError) as e:
+        return f"{path.name} is not a readable .npy file ({e})"
+    expected = offset + int(np.prod(header_shape, dtype=np.int64)) * dtype.itemsize
+    if size != expected:
+        state = "truncated" if size < expected else "longer than its header says"
+        return f"{path.name} is {state} ({size:,} bytes, expected {expected:,})"
+    if shape is not None and list(header_shape) != list(shape):
+        return f"{path.name} holds an array of shape {list(header_shape)}, expected {list(shape)}"
+    return None
+
+
+def cache_problem(target: Path) -> str | None:
+    """Why the cache folder ``target`` cannot be used (None when it is complete; "absent" when not there)."""
+    if not target.exists():
+        return "absent"
+    if not target.is_dir():
+        return f"{target.name} is not a folder"
+    try:
+        meta = json.loads((target / "meta.json").read_text())
+    except FileNotFoundError:
+        return "meta.json is missing"
+    except (OSError, ValueError) as e:
+        return f"meta.json cannot be read ({e})"
+    if not isinstance(meta, dict) or not isinstance(meta.get("classes"), list):
+        return "meta.json does not describe a decoded data set"
+    names = meta.get("arrays", ARRAY_NAMES)
+    shapes = meta.get("shapes") or {}
+    if not isinstance(names, list | tuple) or not set(ARRAY_NAMES) <= set(names):
+        return "meta.json does not list the arrays"
+    for n in names:
+        problem = _npy_problem(target / f"{n}.npy", shapes.get(n) if isinstance(shapes, dict) else None)
+        if problem:
+            return problem
+    return None
+
+
+def _open_cache(target: Path) -> dict:
+    meta = json.loads((target / "meta.json").read_text())
+    meta.pop("shapes", None)
+    out = {n: np.load(target / f"{n}.npy", mmap_mode="r") for n in meta.pop("arrays", ARRAY_NAMES)}
+    out["classes"] = meta.pop("classes")
+    out["meta"] = meta
+    for split in ("train", "test"):
+        n = len(out[f"{split}_x"])
+        bad = [k for k, v in out.items() if k.startswith(f"{split}_") and isinstance(v, np.ndarray) and len(v) != n]
+        if bad:
+            raise DataError(f"the decoded arrays in {target} disagree on the number of {split} images "
+                            f"({', '.join(bad)}); delete {target} and run again (the data is decoded again)")
+    return out
+
+
+def _build(cache_root: Path, key: str, decode: Callable[[], dict]) -> None:
+    """Decode into a temporary folder and rename it to ``cache_root/key`` when complete."""
+    target = cache_root / key
+    tmp = cache_root / temp_name(key)
+    try:
+        try:
+            tmp.mkdir(mode=0o777)  # permissions from the umask, like any other folder (mkdtemp's are private)
+        except OSError as e:
+            raise cache_write_error(e, cache_root) from e
+        arrays = decode()
+        names = _array_names(arrays)
+        try:
+            for n in names:
+                np.save(tmp / f"{n}.npy", np.ascontiguousarray(arrays[n]))
+            meta = {"classes": list(arrays["classes"]), **arrays.get("meta", {}), "arrays": names,
+                    "shapes": {n: list(np.shape(arrays[n])) for n in names}}
+            (tmp / "meta.json").write_text(json.dumps(meta))
+        except OSError as e:
+            raise cache_write_error(e, cache_root) from e
+        try:
+            os.replace(tmp, target)
+        except OSError as e:
+            if cache_problem(target) is not None:  # else: an older fedlt (no lock) built it meanwhile
+                raise cache_write_error(e, cache_root) from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def discard(path: Path, name: str) -> None:
+    """Move a damaged cache entry out of the way (a hidden temporary name, then removed): readers that still
+    have its files open keep them."""
+    aside = path.with_name(temp_name(name))
+    try:
+        os.replace(path, aside)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise cache_write_error(e, path.parent) from e
+    if aside.is_dir():
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        aside.unlink(missing_ok=True)
+
+
 def cached_arrays(cache_root: Path, key: str, decode: Callable[[], dict]) -> tuple[dict, Path]:
-    """Return the arrays cached under ``cache_root/key`` (memory-mapped), decoding them first if absent.
+    """Return the arrays cached under ``cache_root/key`` (memory-mapped), decoding them first if absent or
+    damaged.
 
     ``decode()`` returns the four arrays of :data:`ARRAY_NAMES` (plus optional extra ``train_*``/``test_*``
     arrays), ``classes`` and an optional JSON-able ``meta`` dict. Everything is written to a temporary folder
     that is renamed into place only when complete; on any error (or Ctrl-C) the temporary folder is removed.
     """
     target = cache_root / key
-    if not (target / "meta.json").exists():
-        cache_root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=cache_root))
-        try:
-            arrays = decode()
-            names = _array_names(arrays)
-            for n in names:
-                np.save(tmp / f"{n}.npy", np.ascontiguousarray(arrays[n]))
-            meta = {"classes": list(arrays["classes"]), **arrays.get("meta", {}), "arrays": names}
-            (tmp / "meta.json").write_text(json.dumps(meta))
-            tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared like any other
-            try:
-                os.replace(tmp, target)
-            except OSError:  # another process won the race; its copy is identical
-                shutil.rmtree(tmp, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    meta = json.loads((target / "meta.json").read_text())
-    out = {n: np.load(target / f"{n}.npy", mmap_mode="r") for n in meta.pop("arrays", ARRAY_NAMES)}
-    out["classes"] = meta.pop("classes")
-    out["meta"] = meta
-    return out, target
+    problem = cache_problem(target)
+    if problem is not None:
+        with cache_lock(cache_root, key):
+            remove_stale_temps(cache_root, key, old_style=rf"\.{re.escape(key)}-[a-z0-9_]{{8}}")
+            problem = cache_problem(target)  # another process may have built it while this one waited
+            if problem is not None:
+                if problem != "absent":
+                    log.warning("the decoded data in %s is damaged (%s); decoding it again", target, problem)
+                    discard(target, key)
+                _build(cache_root, key, decode)
+    try:
+        return _open_cache(target), target
+    except (OSError, ValueError) as e:
+        raise DataError(f"the decoded data in {target} cannot be read ({e}); delete {target} and run again (the "
+                        f"data is decoded again)") from e
 
 
 # --------------------------------------------------------------------------------------------- Fashion-MNIST
@@ -264,9 +471,15 @@ def open_cached_source(cache_path: str, name: str, mean, std, label_suffix: str 
     """Re-open an already decoded source from its cache folder (what client actors do: no search, no hashing).
     ``label_suffix`` selects an alternative label set stored beside the images (``_coarse``)."""
     p = Path(cache_path)
-    meta = json.loads((p / "meta.json").read_text())
-    arrays = {n: np.load(p / f"{n}{label_suffix if n.endswith('_y') else ''}.npy", mmap_mode="r")
-              for n in ARRAY_NAMES}
-    classes = meta.get(f"classes{label_suffix}", meta["classes"]) if label_suffix else meta["classes"]
+    try:
+        meta = json.loads((p / "meta.json").read_text())
+        arrays = {n: np.load(p / f"{n}{label_suffix if n.endswith('_y') else ''}.npy", mmap_mode="r")
+                  for n in ARRAY_NAMES}
+        classes = meta.get(f"classes{label_suffix}", meta["classes"]) if label_suffix else meta["classes"]
+    except (OSError, ValueError, KeyError, TypeError, EOFError) as e:
+        problem = cache_problem(p)
+        problem = "the folder is missing" if problem == "absent" else problem or e
+        raise DataError(f"the decoded data in {p} cannot be read ({problem}); delete {p} and run again (the "
+                        f"data is decoded again)") from e
     return SourceArrays(name=name, classes=classes, mean=tuple(mean), std=tuple(std), cache_dir=str(p),
                         label_suffix=label_suffix, **arrays)

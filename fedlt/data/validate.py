@@ -1,5 +1,5 @@
 """Checks of the data options (``dataset.*``, ``partition.*``, ``eval.local_test`` / ``eval.holdout_fraction``),
-called by :func:`fedlt.config.validate` so bad values are refused before anything is decoded or Ray starts."""
+called by :func:`fedlt.validate.validate` so bad values are refused before anything is decoded or Ray starts."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import inspect
 import numbers
 import re
 
-from fedlt.config import ConfigError, _fail, check_bool, check_choice, check_float, check_int
+from fedlt.config import ConfigError, check_bool, check_choice, check_float, check_int, fail
 
 
 def _present(node: dict, key: str) -> bool:
@@ -20,10 +20,10 @@ def _check_stats(cfg: dict, key: str) -> None:
         return
     if not isinstance(v, list | tuple) or not v or not all(
             isinstance(x, numbers.Real) and not isinstance(x, bool) for x in v):
-        _fail(f"dataset.{key}", v, "expected a list of numbers, one per image channel (or null: statistics of the "
+        fail(f"dataset.{key}", v, "expected a list of numbers, one per image channel (or null: statistics of the "
                                    "decoded training images)")
     if key == "std" and min(v) <= 0:
-        _fail("dataset.std", v, "every value must be > 0")
+        fail("dataset.std", v, "every value must be > 0")
 
 
 def _check_image_size(cfg: dict) -> None:
@@ -31,7 +31,7 @@ def _check_image_size(cfg: dict) -> None:
     ok = v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 1) or (
         isinstance(v, list | tuple) and len(v) == 2 and all(isinstance(x, int) and x >= 1 for x in v))
     if not ok:
-        _fail("dataset.image_size", v, "expected null (keep the size), an integer >= 1 (square) or [height, width]")
+        fail("dataset.image_size", v, "expected null (keep the size), an integer >= 1 (square) or [height, width]")
 
 
 def validate_data(cfg: dict) -> None:
@@ -44,13 +44,13 @@ def validate_data(cfg: dict) -> None:
     if _present(d, "download"):
         check_bool(cfg, "dataset.download")
     if _present(d, "sha256") and not re.fullmatch(r"[0-9a-fA-F]{64}", str(d["sha256"])):
-        _fail("dataset.sha256", d["sha256"], "expected null or the 64 hex digits of the source file's SHA-256")
+        fail("dataset.sha256", d["sha256"], "expected null or the 64 hex digits of the source file's SHA-256")
     if _present(d, "label_type"):
         check_choice(cfg, "dataset.label_type", ("fine", "coarse") if source == "cifar100" else ("fine",))
     _check_stats(cfg, "mean")
     _check_stats(cfg, "std")
     if _present(d, "mean") and _present(d, "std") and len(d["mean"]) != len(d["std"]):
-        _fail("dataset.std", d["std"], f"must have as many values as dataset.mean ({len(d['mean'])})")
+        fail("dataset.std", d["std"], f"must have as many values as dataset.mean ({len(d['mean'])})")
     aug = d.get("augment") or {}
     if "crop_padding" in aug:
         check_int(cfg, "dataset.augment.crop_padding", 0)
@@ -58,7 +58,7 @@ def validate_data(cfg: dict) -> None:
         check_bool(cfg, "dataset.augment.hflip")
     if source == "imagefolder":
         if not d.get("path"):
-            _fail("dataset.path", d.get("path"), "dataset=imagefolder needs the folder or .zip holding "
+            fail("dataset.path", d.get("path"), "dataset=imagefolder needs the folder or .zip holding "
                                                  "{train,test}/<class>/<image> or <class>/<image>")
         _check_image_size(cfg)
         if _present(d, "channels"):

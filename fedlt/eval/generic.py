@@ -14,7 +14,7 @@ import torch
 from fedlt.eval.groups import SHOT_RULES, shot_groups
 from fedlt.eval.metrics import count_metrics, group_accuracy, per_class_accuracy, score_metrics
 from fedlt.eval.predict import class_counts
-from fedlt.eval.test_agnostic import resampled_test_sets
+from fedlt.eval.shifted_tests import resampled_test_sets
 
 
 def predictor_metrics(logits: torch.Tensor, labels: torch.Tensor, num_classes: int,

@@ -2,7 +2,13 @@
 
 Works on finished runs (results.json) and on interrupted ones (only metrics.jsonl, whose last line may be
 half-written, and eval_detail.json, the per-class / per-client detail of the last evaluated round). A folder
-that is not itself a run but holds runs (e.g. a Hydra multirun folder) stands for all of them.
+that is not itself a run but holds runs at any depth (``runs/``, a day's folder, a Hydra multirun folder) stands
+for all of them.
+
+What cannot be read is said, never skipped silently: a path that does not exist, a broken config.yaml or an
+output folder that cannot be written is an error (one paragraph, exit code 2); a damaged metrics.jsonl line
+(named with its line number), a garbage results.json, partition.json or eval_detail.json is a warning on stderr
+and in report.md, and the rest of the run is still reported.
 """
 
 from __future__ import annotations
@@ -10,6 +16,8 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +28,7 @@ RUN_FILES = ("config.yaml", "metrics.jsonl", "partition.json", "results.json")
 
 
 class ReportError(ValueError):
-    """A user error (a path that is not a run); printed as one paragraph, exit code 2."""
+    """A user error (a path that is not a run, an unreadable file); printed as one paragraph, exit code 2."""
 
 
 @dataclass
@@ -32,6 +40,7 @@ class RunData:
     rows: list[dict] = field(default_factory=list)
     results: dict | None = None
     detail: dict = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)  # what could not be read (warnings, one sentence each)
 
     @property
     def finished(self) -> bool:
@@ -44,47 +53,132 @@ class RunData:
             return self.results
         return self.rows[-1] if self.rows else {}
 
+    @property
+    def mask_absent_classes(self) -> bool:
+        return bool((self.config.get("eval") or {}).get("mask_absent_classes", False))
+
     def train_counts(self) -> list[int] | None:
-        return self.partition.get("global_class_counts") or (self.detail.get("generic") or {}).get("train_counts")
+        counts = self.partition.get("global_class_counts") or (self.detail.get("generic") or {}).get("train_counts")
+        return counts if _numbers(counts, allow_none=False) else None
+
+    def class_names(self) -> list[str] | None:
+        """The dataset's class names (partition.json), when there is one per class."""
+        names, counts = self.partition.get("classes"), self.train_counts()
+        if isinstance(names, list) and names and all(isinstance(n, str) for n in names) and (
+                counts is None or len(names) == len(counts)):
+            return names
+        return None
 
     def per_class_accuracy(self) -> list | None:
         gen = self.detail.get("generic") or {}
         key = next((k for k in gen if k.endswith("/per_class_accuracy")), None)  # first = primary predictor
-        return gen.get(key) if key else None
+        return gen[key] if key and _numbers(gen[key]) else None
 
     def per_client_accuracy(self) -> list | None:
         pers = self.detail.get("personalized") or {}
         keys = [k for k in pers if k.endswith("/per_client_accuracy")]
         if not keys:
             return None
-        mask = bool((self.config.get("eval") or {}).get("mask_absent_classes", False))
         primary = keys[0].rsplit("/", 2)[0]
-        return pers.get(f"{primary}/{'masked' if mask else 'unmasked'}/per_client_accuracy", pers[keys[0]])
+        values = pers.get(f"{primary}/{self.mask_variant}/per_client_accuracy", pers[keys[0]])
+        return values if _numbers(values) else None
+
+    @property
+    def mask_variant(self) -> str:
+        """Which personalized variant the run reports as ``personalized/accuracy``."""
+        return "masked" if self.mask_absent_classes else "unmasked"
 
 
-def read_jsonl_tolerant(path: Path) -> list[dict]:
-    """One dict per complete line; a line that is not valid JSON (a write cut short by a kill) is skipped."""
-    rows = []
+def _numbers(values, allow_none: bool = True) -> bool:
+    """A non-empty list of finite numbers (and None where values are missing)."""
+    return isinstance(values, list) and bool(values) and all(
+        (v is None and allow_none) or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
+        for v in values)
+
+
+def _location(e: json.JSONDecodeError) -> str:
+    return f"{e.msg} at line {e.lineno}, column {e.colno}"
+
+
+def read_jsonl_tolerant(path: Path, problems: list[str] | None = None) -> list[dict]:
+    """One dict per complete metrics line. A line that cannot be used is skipped and described in ``problems``
+    (with its line number): a cut-short last line is what a killed run leaves, anything else is damage."""
+    rows: list[dict] = []
     if not path.exists():
         return rows
-    for line in path.read_text(errors="replace").splitlines():
+    problems = [] if problems is None else problems
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as e:
+        raise ReportError(f"{path} cannot be read ({e.strerror or e}); check its permissions") from e
+    lines = text.split("\n")  # not splitlines(): its extra separators would shift the line numbers
+    last = max((i for i, line in enumerate(lines, start=1) if line.strip()), default=0)
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
+        except json.JSONDecodeError as e:
+            if number == last and not text.endswith("\n"):
+                problems.append(f"{path} line {number} is cut short (the run was stopped while writing it); "
+                                f"it was left out")
+            else:
+                problems.append(f"{path} line {number} is not valid JSON ({_location(e)}); it was left out")
             continue
-        if isinstance(row, dict) and "round" in row:
-            rows.append(row)
+        if not isinstance(row, dict) or not isinstance(row.get("round"), int) or isinstance(row.get("round"), bool):
+            problems.append(f"{path} line {number} is not a metrics row (an object with an integer \"round\"); "
+                            f"it was left out")
+            continue
+        rows.append(row)
     return rows
 
 
-def _read_json(path: Path) -> dict | None:
+def _read_json(path: Path, problems: list[str] | None = None, consequence: str = "it was left out") -> dict | None:
+    """A JSON object from ``path``; None when the file is absent, or damaged (described in ``problems``)."""
+    if not path.exists():
+        return None
     try:
         data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
+    except json.JSONDecodeError as e:
+        why = f"is not valid JSON ({_location(e)})"
+    except UnicodeDecodeError as e:
+        why = f"is not text ({e.reason} at byte {e.start})"
+    except OSError as e:
+        why = f"cannot be read ({e.strerror or e})"
+    else:
+        if isinstance(data, dict):
+            return data
+        why = f"holds a JSON {type(data).__name__}, not an object"
+    if problems is not None:
+        problems.append(f"{path} {why}; {consequence}")
+    return None
+
+
+def _read_config(path: Path) -> dict:
+    import yaml
+
+    if not path.exists():
+        return {}
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise ReportError(f"{path} is not valid YAML ({problem}{where}); it is the run's resolved configuration "
+                          f"(written by fedlt): restore it, or move it out of the folder to report the run "
+                          f"without it") from e
+    except UnicodeDecodeError as e:
+        raise ReportError(f"{path} is not a text file ({e.reason} at byte {e.start}); restore it, or move it out "
+                          f"of the folder to report the run without it") from e
+    except OSError as e:
+        raise ReportError(f"{path} cannot be read ({e.strerror or e}); check its permissions") from e
+    if config is None:
+        return {}
+    if not isinstance(config, dict):
+        raise ReportError(f"{path} holds a YAML {type(config).__name__}, not the mapping of options fedlt writes; "
+                          f"restore it, or move it out of the folder to report the run without it")
+    return config
 
 
 def is_run(path: Path) -> bool:
@@ -92,35 +186,58 @@ def is_run(path: Path) -> bool:
 
 
 def load_run(path: str | Path, label: str | None = None) -> RunData:
-    import yaml
-
     path = Path(path)
+    if not path.exists():
+        raise ReportError(f"{path} does not exist; pass the folder a run printed as `run_dir:`")
     if not is_run(path):
         raise ReportError(f"{path} is not a fedlt run directory (none of {', '.join(RUN_FILES)} is there)")
-    config = {}
-    if (path / "config.yaml").exists():
-        config = yaml.safe_load((path / "config.yaml").read_text()) or {}
-    results = _read_json(path / "results.json")
-    detail = (results or {}).get("detail") or {}
-    if not detail:
-        detail = _read_json(path / "eval_detail.json") or {}
-    return RunData(path=path, label=label or path.name, config=config,
-                   partition=_read_json(path / "partition.json") or {},
-                   rows=read_jsonl_tolerant(path / "metrics.jsonl"), results=results, detail=detail)
+    problems: list[str] = []
+    config = _read_config(path / "config.yaml")
+    results = _read_json(path / "results.json", problems,
+                         "the run is reported from metrics.jsonl as if it had been interrupted")
+    detail = (results or {}).get("detail")
+    if not isinstance(detail, dict) or not detail:
+        detail = _read_json(path / "eval_detail.json", problems,
+                            "per-class and per-client values are missing from the figures") or {}
+    partition = _read_json(path / "partition.json", problems,
+                           "class counts and the partition figure are missing") or {}
+    rows = read_jsonl_tolerant(path / "metrics.jsonl", problems)
+    if not rows and results is None:
+        problems.append(f"{path} has no evaluated round yet (metrics.jsonl is empty or absent)")
+    return RunData(path=path, label=label or path.name, config=config, partition=partition, rows=rows,
+                   results=results, detail=detail, problems=problems)
+
+
+def find_runs(folder: Path) -> list[Path]:
+    """Every run directory at any depth below ``folder`` (a run's own sub-folders are not searched), sorted."""
+    found: list[Path] = []
+    for root, dirs, _files in os.walk(folder):
+        here = Path(root)
+        if here != folder and is_run(here):
+            found.append(here)
+            dirs[:] = []
+            continue
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+    return sorted(found)
 
 
 def expand_runs(paths: list[str]) -> list[Path]:
-    """Run folders, or folders holding runs (one level down), in the order given."""
+    """Run folders, or folders holding runs (at any depth), in the order given."""
     out: list[Path] = []
     for p in map(Path, paths):
+        if not p.exists():
+            raise ReportError(f"{p} does not exist; pass a run directory (the folder a run printed as `run_dir:`) "
+                              f"or a folder holding runs, e.g. runs/")
+        if p.is_file():
+            raise ReportError(f"{p} is a file, not a run directory; pass the folder that holds it ({p.parent})")
         if is_run(p):
             out.append(p)
-        elif p.is_dir() and (subs := sorted(s for s in p.iterdir() if is_run(s))):
+        elif subs := find_runs(p):
             out.extend(subs)
         else:
-            raise ReportError(f"{p} is not a fedlt run directory (none of {', '.join(RUN_FILES)} is there) and "
-                              f"holds no run directories; pass the folder a run printed as `run_dir:`")
-    return out
+            raise ReportError(f"{p} is not a fedlt run directory (none of {', '.join(RUN_FILES)} is there) and no "
+                              f"folder below it is one; pass the folder a run printed as `run_dir:`")
+    return list(dict.fromkeys(out))
 
 
 def unique_labels(paths: list[Path]) -> list[str]:
@@ -155,27 +272,38 @@ KEY_METRICS = [
 ]
 
 
+def section(d: dict, key: str) -> dict:
+    """``d[key]`` when it is a mapping, else {} (a hand-edited config must not crash the report)."""
+    v = d.get(key)
+    return v if isinstance(v, dict) else {}
+
+
+def _number(v) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
 def run_info(run: RunData) -> dict:
     """The identifying columns of a run."""
     cfg, part, final = run.config, run.partition, run.final
-    strategy = (cfg.get("strategy") or {}).get("name") or final.get("strategy")
-    dataset = (cfg.get("dataset") or {}).get("name") or part.get("dataset") or final.get("dataset")
-    p = cfg.get("partition") or part.get("partition") or {}
-    partition = p.get("name", "")
+    strategy = section(cfg, "strategy").get("name") or final.get("strategy")
+    dataset = section(cfg, "dataset").get("name") or part.get("dataset") or final.get("dataset")
+    p = section(cfg, "partition") or section(part, "partition")
+    partition = str(p.get("name", ""))
     if "alpha" in p:
         partition += f" α={p['alpha']}"
-    wall = final.get("time/wall_s") if run.finished else final.get("time/elapsed_s")
+    wall = _number(final.get("time/wall_s") if run.finished else final.get("time/elapsed_s"))
+    done = _number(final.get("rounds_completed", final.get("round", 0))) or 0
     return {
         "run": run.label,
         "strategy": strategy,
         "dataset": dataset,
-        "IF": (cfg.get("dataset") or {}).get("imbalance_factor", part.get("imbalance_factor")),
+        "IF": section(cfg, "dataset").get("imbalance_factor", part.get("imbalance_factor")),
         "partition": partition,
         "clients": cfg.get("num_clients", part.get("num_clients")),
         "seed": cfg.get("seed", part.get("seed")),
         "status": "finished" if run.finished else "interrupted",
-        "rounds": f"{int(final.get('rounds_completed', final.get('round', 0)) or 0)}/{cfg.get('num_rounds', '?')}",
-        "wall_s": round(float(wall), 1) if wall is not None else None,
+        "rounds": f"{int(done)}/{cfg.get('num_rounds', '?')}",
+        "wall_s": round(wall, 1) if wall is not None else None,
         "pers. stage": (run.results or {}).get("personalized/stage", ""),
     }
 
@@ -235,7 +363,19 @@ def write_tables(runs: list[RunData], out: Path) -> tuple[Path, Path]:
         lines += ["", "## Test-agnostic accuracy (primary generic predictor on re-sampled test sets)", ""]
         names = [k.split("/")[2] for k in ta_keys]
         lines.append(markdown_table(["run"] + names, [[r.label] + [r.final.get(k) for k in ta_keys] for r in runs]))
+    problems = [msg for r in runs for msg in r.problems]
+    if problems:
+        lines += ["", "## Problems found while reading the runs", ""]
+        lines += [f"- {msg}" for msg in problems]
     lines += ["", "## Figures", ""]
+    from fedlt.eval.plots import run_labels
+
+    legend = run_labels(runs)
+    if any(lab != r.label for lab, r in zip(legend, runs, strict=True)):
+        lines += ["In the figures the runs are labelled by what tells them apart:", ""]
+        lines.append(markdown_table(["figure label", "run"], [[lab, r.label] for lab, r in zip(legend, runs,
+                                                                                                  strict=True)]))
+        lines.append("")
     md_path = out / "report.md"
     md_path.write_text("\n".join(lines) + "\n")
     return md_path, csv_path
@@ -243,6 +383,7 @@ def write_tables(runs: list[RunData], out: Path) -> tuple[Path, Path]:
 
 # ------------------------------------------------------------------------------------------------- figures
 def save(fig, path: Path) -> Path:
+    """Write a figure as PNG (a plain file: 0644 under the usual umask, like every other file of a report)."""
     fig.savefig(path, dpi=110)
     return path
 
@@ -254,25 +395,36 @@ def write_figures(runs: list[RunData], out: Path) -> list[Path]:
              save(plots.per_class_vs_frequency(runs), out / "per_class_accuracy.png"),
              save(plots.per_client_distribution(runs), out / "per_client_accuracy.png")]
     for i, run in enumerate(runs):
-        if run.partition.get("client_class_counts"):
+        if plots.count_matrix(run) is not None:
             safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in run.label)
             paths.append(save(plots.partition_heatmap(run), out / f"partition_{i}_{safe}.png"))
     return paths
 
 
-def report(run_dirs: list[str], out: str | Path) -> dict[str, Path | list[Path]]:
-    import matplotlib
-
-    matplotlib.use("Agg")
+def report(run_dirs: list[str], out: str | Path) -> dict:
+    """Read the runs, then write report.md, report.csv and the figures to ``out``. Raises ReportError for a path
+    that is not a run, a broken config.yaml or an output folder that cannot be written; what else could not be
+    read is in the returned ``problems`` (and in report.md)."""
     paths = expand_runs(run_dirs)
     runs = [load_run(p, lab) for p, lab in zip(paths, unique_labels(paths), strict=True)]
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    md, csv_path = write_tables(runs, out)
-    figures = write_figures(runs, out)
-    with open(md, "a") as f:
-        f.writelines(f"![{p.stem}]({p.name})\n\n" for p in figures)
-    return {"markdown": md, "csv": csv_path, "figures": figures}
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        md, csv_path = write_tables(runs, out)
+        figures = write_figures(runs, out)
+        with open(md, "a") as f:
+            f.writelines(f"![{p.stem}]({p.name})\n\n" for p in figures)
+    except OSError as e:
+        what = e.strerror or str(e)
+        if isinstance(e, FileExistsError) or (out.exists() and not out.is_dir()):
+            what = "it is a file, not a folder"
+        elif isinstance(e, NotADirectoryError):
+            what = "a part of the path is a file, not a folder"
+        where = f" ({e.filename})" if e.filename and str(e.filename) != str(out) else ""
+        raise ReportError(f"cannot write the report to {out}: {what}{where}; choose a writable folder with "
+                          f"--out DIR") from e
+    return {"markdown": md, "csv": csv_path, "figures": figures,
+            "problems": [msg for r in runs for msg in r.problems]}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -280,14 +432,17 @@ def main(argv: list[str] | None = None) -> None:
         prog="fedlt-report", description="Compare fedlt runs: a Markdown and a CSV table plus PNG plots. "
         "Finished and interrupted runs both work.")
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
-                        help="run directories (or folders holding runs, e.g. a multirun folder)")
+                        help="run directories, or folders holding runs at any depth (e.g. runs/ or a multirun "
+                             "folder)")
     parser.add_argument("--out", default="report", metavar="DIR", help="output folder (default: ./report)")
     args = parser.parse_args(argv)
     try:
         written = report(args.run_dirs, args.out)
     except ReportError as e:
-        print(f"fedlt-report: error: {e}", file=sys.stderr)
+        print(f"fedlt-report: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    for msg in written["problems"]:
+        print(f"fedlt-report: warning: {msg}", file=sys.stderr)
     print(f"wrote {written['markdown']}, {written['csv']} and {len(written['figures'])} figures to "
           f"{Path(args.out).resolve()}")
 

@@ -7,7 +7,7 @@ for them (log n, n^(-1/4), effective numbers) they are *excluded* (log n = -inf,
 probability mass in the training softmax) or given a neutral value; each builder says which. Strategies whose
 method is defined by a loss (FedRoD, FedETF: balanced softmax; FedLC: logit calibration) call the builders here.
 
-Notation (fedloge-protocol.md §10.9): n_c local counts, pi_c = n_c / sum(n), z logits, y targets.
+Notation: n_c local counts, pi_c = n_c / sum(n), z logits, y targets.
 """
 
 from __future__ import annotations
@@ -104,9 +104,23 @@ def ldam_drw(counts: torch.Tensor | None = None, max_margin: float = 0.5, scale:
              num_rounds: int | None = None, **_) -> LossFn:
     """LDAM (Cao et al., 2019) with deferred re-weighting: subtract the margin C / n_y^(1/4) from the true-class
     logit (C such that the largest margin over the classes present is ``max_margin``), scale the logits by
-    ``scale`` and apply CE. DRW: from round floor(drw_start * num_rounds) + 1 on (the official 160-of-200-epochs
-    schedule is drw_start = 0.8), the CE is weighted by effective-number class weights (beta ``drw_beta``) and
-    normalised by the batch's total weight, as the official code does. drw_start >= 1 never re-weights."""
+    ``scale`` and apply CE. Checked against the official code, kaidic/LDAM-DRW at commit
+    2536330f2afdaa65618323cb5a5850efccce762a: ``losses.py`` (``LDAMLoss``: max_m 0.5, s 30) and ``cifar_train.py``.
+
+    The logits must be cosines: the official code builds the model with ``use_norm=True`` whenever the loss is
+    LDAM (``NormedLinear``, logits in [-1, 1]), and s = 30 is chosen for that range. On the raw logits of a
+    linear head s = 30 makes the loss explode, so a run needs ``model.head=cosine`` (validate_loss refuses
+    anything else).
+
+    DRW: the official schedule switches the class weights on at ``epoch // 160`` (0-based epoch 160, i.e. the
+    161st of 200 epochs). Here round r (1-based) is re-weighted when its 0-based index r - 1 >= drw_start *
+    num_rounds, i.e. from round ceil(drw_start * num_rounds) + 1 on (161 of 200 for the official drw_start =
+    0.8; round 18 of 21, since 0.8 * 21 = 16.8). Weighted rounds use effective-number class weights (beta
+    ``drw_beta``) in the CE, normalised by the batch's total weight as ``F.cross_entropy(weight=...)`` does in
+    the official code. drw_start >= 1 never re-weights.
+
+    Deviations: the counts are the client's own (a federated client knows no others), and the margins and
+    weights are computed over the classes the client holds (absent classes are never targets)."""
     n = _counts(counts, "ldam_drw")
     present = n > 0
     margins = torch.zeros_like(n)
@@ -126,9 +140,12 @@ def ldam_drw(counts: torch.Tensor | None = None, max_margin: float = 0.5, scale:
 
 
 def calibration_offsets(counts: torch.Tensor, tau: float) -> torch.Tensor:
-    """FedLC's per-class offsets tau * n_c^(-1/4); +inf for classes with no local samples (the limit of "the
-    rarer the class, the larger the offset", and what FL-bench / PFLlib compute: pow(0, -1/4) = inf), so
-    those classes are excluded from the calibrated softmax. tau = 0 gives no offsets."""
+    """FedLC's per-class offsets tau * n_c^(-1/4); +inf for classes with no samples (the limit of "the rarer
+    the class, the larger the offset"), so those classes are excluded from the calibrated softmax. tau = 0
+    gives no offsets. FL-bench (``src/client/fedlc.py``) counts an absent class as 1e-8 instead, i.e. an offset
+    of 100 * tau, which leaves it a softmax weight of about e^-100: numerically the same exclusion. PFLlib
+    (``system/flcore/servers/serverlc.py``) uses the counts summed over all clients, where pow(0, -1/4) = inf
+    only for classes no client holds."""
     n = _counts(counts, "logit_calibration")
     if tau == 0:
         return torch.zeros_like(n)
@@ -140,8 +157,10 @@ def calibration_offsets(counts: torch.Tensor, tau: float) -> torch.Tensor:
 
 def logit_calibration(counts: torch.Tensor | None = None, tau: float = 1.0, **_) -> LossFn:
     """FedLC (Zhang et al., 2022) as FL-bench and PFLlib implement it: standard softmax CE on the calibrated
-    logits z - tau * n^(-1/4). (The paper's pairwise form, which drops the target class from the denominator,
-    was reported unstable by the FL-bench maintainer; see fedloge-protocol.md §10.6.)"""
+    logits z - tau * n^(-1/4). The paper's pairwise form drops the target class from the denominator; the
+    FL-bench maintainer reports that training collapsed with it (note in FL-bench ``src/server/fedlc.py``), and
+    neither library uses it. ``counts`` are the client's own unless the caller passes others (strategy=fedlc
+    with ``strategy.counts=global``)."""
     offsets = calibration_offsets(counts, float(tau))
 
     def loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -204,3 +223,23 @@ def validate_loss(cfg: dict) -> None:
             check_float(cfg, f"loss.{key}", lo, hi, lo_open=lo_open, hi_open=hi_open)
     if "base" in loss:
         check_choice(cfg, "loss.base", ("ce", "focal"))
+    if name == "ldam_drw":
+        _check_cosine_head(cfg)
+
+
+def _check_cosine_head(cfg: dict) -> None:
+    """LDAM's scale s is meant for cosine logits in [-1, 1] (the official code always pairs LDAM with its
+    ``NormedLinear`` classifier); on a linear head's raw logits s = 30 blows the loss up and nothing trains."""
+    from fedlt.config import ConfigError, check_choice
+    from fedlt.models import HEADS, head_name
+
+    model = cfg.get("model") if isinstance(cfg.get("model"), dict) else {}
+    if "head" in model:
+        check_choice(cfg, "model.head", HEADS)
+    head = head_name(model)
+    if head != "cosine":
+        raise ConfigError(
+            f"invalid combination loss=ldam_drw with model.head={head}: LDAM scales the logits by loss.scale "
+            f"(official s = 30), which is meant for the cosine logits in [-1, 1] of a cosine classifier (the official "
+            f"LDAM-DRW code always uses its NormedLinear head with LDAM); on the raw logits of a {head} head the loss "
+            f"explodes and the model does not train. Add model.head=cosine (allowed heads: {', '.join(HEADS)}).")

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedlt.cli import CONFIG_DIR
-from fedlt.config import validate
+from fedlt.compose import CONFIG_DIR
+from fedlt.validate import validate
 from fedlt.data.cli import compose_config, main
 from tests.conftest import ROOT
 from tests.data.conftest import png_bytes

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import fedlt.data.federated as federated
-from fedlt.config import ConfigError, validate
+from fedlt.config import ConfigError
+from fedlt.validate import validate
 from fedlt.data.cli import compose_config
 from fedlt.data.federated import client_data, prepare, summary
 from fedlt.data.sources import DataError
@@ -92,7 +93,7 @@ def test_too_many_clients(tmp_path):
 
 
 def test_prepare_run_writes_summary_and_figure(tmp_path):
-    from fedlt.federation.simulation import prepare_run
+    from fedlt.experiment import prepare_run
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()

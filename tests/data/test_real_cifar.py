@@ -1,6 +1,6 @@
-"""The real CIFAR copies in ../shared/data (skipped with a reason when absent): counts, class order, statistics,
-and the official FedLoGe client sizes through `fedlt-data`. Each zip is decoded at most once per machine (the
-user cache), ~15 s per zip on one core; afterwards these tests take seconds."""
+"""The real CIFAR copies in the data folder FEDLT_DATA_ROOT (skipped with a reason when absent): counts, class
+order, statistics, and the official FedLoGe client sizes through `fedlt-data`. Each zip is decoded at most once
+per machine (the user cache), ~15 s per zip on one core; afterwards these tests take seconds."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def test_real_cifar10_zip(real_sources):
     assert s.train_x.shape == (50000, 32, 32, 3) and s.test_x.shape == (10000, 32, 32, 3)
     assert np.bincount(s.train_y).tolist() == [5000] * 10 and np.bincount(s.test_y).tolist() == [1000] * 10
     assert s.meta["known_copy"].startswith("cifar10-jpeg.zip")
-    assert np.allclose(s.meta["mean"], (0.4913, 0.4821, 0.4465), atol=2e-4)  # ../shared/data/README.md
+    assert np.allclose(s.meta["mean"], (0.4913, 0.4821, 0.4465), atol=2e-4)  # the statistics of the official training split
     assert np.allclose(s.meta["std"], (0.2452, 0.2428, 0.2606), atol=2e-4)
 
 

@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from fedlt.config import ConfigError, validate
+from fedlt.config import ConfigError
+from fedlt.validate import validate
 from fedlt.data.longtail import longtail_counts
 from fedlt.eval.generic import GenericEvaluation
 from fedlt.eval.groups import local_shot_groups, shot_groups
-from fedlt.eval.test_agnostic import resampled_test_sets
+from fedlt.eval.shifted_tests import resampled_test_sets
 
 K = 5
 LABELS = np.repeat(np.arange(K), 100)  # a balanced test set, 100 per class

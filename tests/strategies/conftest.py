@@ -11,7 +11,7 @@ import torch
 from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 
 from fedlt.data.federated import ClientData, DataPlan
-from fedlt.federation.algorithm import ClientContext
+from fedlt.api.client import ClientContext
 from fedlt.models import build_model
 from fedlt.seeding import INIT, derive_seed
 
@@ -84,7 +84,7 @@ def train_reply(client: int, n: int, arrays: dict, metrics: dict | None = None) 
 
 def reply_from(model: torch.nn.Module, server, client: int, n: int, uploads: dict | None = None) -> Message:
     """A train reply carrying what the core would send: the shared model state (+ uploads)."""
-    arrays = {k: v.detach().numpy().copy() for k, v in model.state_dict().items() if server.is_shared(k)}
+    arrays = {k: v.detach().numpy().copy() for k, v in model.state_dict().items() if server.client_cls.is_shared(k)}
     arrays.update({k: v.detach().numpy().copy() for k, v in (uploads or {}).items()})
     return train_reply(client, n, arrays)
 

@@ -17,7 +17,8 @@ def test_the_trainer_is_always_the_one_virtual_client():
 def test_pooled_data_is_exactly_the_long_tailed_training_set(tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from fedlt.cli import CONFIG_DIR, to_dict
+    from fedlt.cli import to_dict
+    from fedlt.compose import CONFIG_DIR
     from fedlt.data.federated import prepare
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):

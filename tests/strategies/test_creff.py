@@ -5,7 +5,7 @@ and becomes the generic "creff" predictor."""
 import numpy as np
 import torch
 import torch.nn.functional as F
-from flwr.app import ConfigRecord
+
 
 from strategies.creff import GRAD, CReFFClient, Server, class_gradients, matching_distance
 from tests.strategies.conftest import build, context, reply_from, tiny_cfg, tiny_data
@@ -41,9 +41,7 @@ def test_client_uploads_gradients_of_the_classes_it_holds():
 
 def run_server_round():
     server = Server(CFG)
-    server.node_of_client = {0: 100, 1: 101}
     arrays = server.initial_arrays(build(CReFFClient, CFG))
-    list(server.configure_train(1, arrays, ConfigRecord(), None))
     replies = []
     for cid, counts in enumerate(((12, 6, 0, 2), (0, 3, 9, 9))):
         model = build(CReFFClient, CFG)
@@ -52,7 +50,7 @@ def run_server_round():
         replies.append(reply_from(model, server, cid, int(sum(counts)), ctx.uploads))
     uploads = [{k: torch.from_numpy(r.content["arrays"][k].numpy().copy()) for k in r.content["arrays"].keys()
                 if k.startswith(GRAD)} for r in replies]
-    agg, _ = server.aggregate_train(1, replies)
+    agg = server.aggregate(1, arrays, replies)
     merged = server.merge(arrays, agg)
     return server, arrays, merged, server.after_aggregate(1, merged, replies), uploads
 

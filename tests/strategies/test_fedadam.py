@@ -3,7 +3,6 @@ sampling in configure_train; BatchNorm buffers are plain averages; the moments s
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord
 from torch import nn
 
 from strategies.fedadam import Server
@@ -19,7 +18,6 @@ def model():
 
 def server():
     s = Server(tiny_cfg(STRATEGY, num_clients=2))
-    s.node_of_client = {0: 100, 1: 101}
     return s
 
 
@@ -28,11 +26,10 @@ def client_arrays(sent: dict, shift: float) -> dict:
 
 
 def run_round(s, rnd, arrays, shifts=(0.5, -0.1), weights=(30, 10)):
-    msgs = list(s.configure_train(rnd, arrays, ConfigRecord(), None))
-    assert len(msgs) == 2
+    assert len(s.sample_clients(rnd)) == 2
     sent = {k: a.numpy() for k, a in arrays.items()}
     replies = [train_reply(c, n, client_arrays(sent, d)) for c, (n, d) in enumerate(zip(weights, shifts))]
-    new, _ = s.aggregate_train(rnd, replies)
+    new = s.aggregate(rnd, arrays, replies)
     return sent, new
 
 
@@ -55,8 +52,8 @@ def test_server_update_is_adam_on_the_pseudo_gradient_over_two_rounds():
             lr = eta * np.sqrt(1 - b2 ** (rnd + 1)) / (1 - b1 ** (rnd + 1))
             np.testing.assert_allclose(new[k].numpy(), x + lr * m_k / (np.sqrt(v_k) + tau), rtol=1e-5)
             assert not np.allclose(new[k].numpy(), x + average)  # not plain FedAvg
-        m = {k: s.m_t[k].copy() for k in s.m_t}
-        v = {k: s.v_t[k].copy() for k in s.v_t}
+        m = {k: s.flower.m_t[k].copy() for k in s.flower.m_t}
+        v = {k: s.flower.v_t[k].copy() for k in s.flower.v_t}
         arrays = s.merge(arrays, new)
 
 

@@ -1,14 +1,58 @@
 """FedBABU: the random head is frozen during FL (sent once, never trained or uploaded); personalization
-fine-tunes a copy before the local test."""
+fine-tunes a copy before the local test, with its own optimiser (official: SGD lr 1e-3, momentum 0.9)."""
 
+from pathlib import Path
+
+import pytest
 import torch
+import yaml
 
+from fedlt.config import ConfigError
 from strategies.fedbabu import FedBABUClient, Server
 from tests.strategies.conftest import build, changed, context, snapshot, tiny_cfg, tiny_data
 
+DEFAULTS = yaml.safe_load((Path(__file__).resolve().parents[2] / "configs/strategy/fedbabu.yaml").read_text())
 
-def cfg_for(part="full", epochs=2):
-    return tiny_cfg({"name": "fedbabu", "finetune_epochs": epochs, "finetune_part": part}, batch_size=8)
+
+def cfg_for(part="full", epochs=2, **strategy):
+    return tiny_cfg({**DEFAULTS, "finetune_epochs": epochs, "finetune_part": part, **strategy}, batch_size=8)
+
+
+@pytest.fixture
+def sgd_calls(monkeypatch):
+    """Every torch.optim.SGD built meanwhile: (lr, momentum, weight_decay, number of parameters)."""
+    calls = []
+    real = torch.optim.SGD
+
+    class Spy(real):
+        def __init__(self, params, *args, **kwargs):
+            super().__init__(params, *args, **kwargs)
+            g = self.param_groups[0]
+            calls.append((g["lr"], g["momentum"], g["weight_decay"], sum(len(g["params"]) for g in self.param_groups)))
+
+    monkeypatch.setattr(torch.optim, "SGD", Spy)
+    return calls
+
+
+def test_finetuning_uses_its_own_optimiser_with_the_official_defaults(sgd_calls):
+    assert DEFAULTS["finetune_epochs"] == 5 and DEFAULTS["finetune_part"] == "full"
+    assert DEFAULTS["finetune_lr"] == 1e-3 and DEFAULTS["finetune_momentum"] == 0.9
+    cfg = tiny_cfg(DEFAULTS, batch_size=8, optimizer={"lr": 0.1, "momentum": 0.5, "weight_decay": 1e-4})
+    Server.validate_config(cfg)
+    model = build(FedBABUClient, cfg)
+    FedBABUClient(cfg).predictors(context(model, tiny_data(), cfg))
+    n_params = len(list(model.parameters()))
+    assert sgd_calls == [(1e-3, 0.9, 0.0, n_params)]  # the whole model, not the training optimiser (lr 0.1)
+
+
+def test_finetune_lr_and_momentum_are_used(sgd_calls):
+    cfg = cfg_for(finetune_lr=0.02, finetune_momentum=0.0)
+    FedBABUClient(cfg).predictors(context(build(FedBABUClient, cfg), tiny_data(), cfg))
+    assert [c[:3] for c in sgd_calls] == [(0.02, 0.0, 0.0)]
+    with pytest.raises(ConfigError, match="strategy.finetune_lr"):
+        Server.validate_config(cfg_for(finetune_lr=0.0))
+    with pytest.raises(ConfigError, match="strategy.finetune_momentum"):
+        Server.validate_config(cfg_for(finetune_momentum=1.0))
 
 
 def test_head_is_frozen_during_federated_training():
@@ -31,7 +75,7 @@ def test_head_is_sent_once_from_the_server_and_never_uploaded():
 
 
 def test_finetuning_personalizes_a_copy_only():
-    cfg = cfg_for("full")
+    cfg = cfg_for("full", finetune_lr=0.1)
     model = build(FedBABUClient, cfg)
     before = snapshot(model)
     preds = FedBABUClient(cfg).predictors(context(model, tiny_data(), cfg))
@@ -42,7 +86,7 @@ def test_finetuning_personalizes_a_copy_only():
 
 
 def test_head_only_finetuning_keeps_the_body():
-    cfg = cfg_for("head")
+    cfg = cfg_for("head", finetune_lr=0.1)
     model = build(FedBABUClient, cfg)
     before = snapshot(model)
     tuned = snapshot(FedBABUClient(cfg).predictors(context(model, tiny_data(), cfg))["finetuned"])

@@ -12,8 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from fedlt.config import ConfigError, validate
-from fedlt.federation.algorithm import ClientContext
+from fedlt.config import ConfigError
+from fedlt.validate import validate
+from fedlt.api.client import ClientContext
 from strategies.fedloge import (
     FedLoGeClient,
     FedLoGeNet,
@@ -222,7 +223,7 @@ def test_bad_fedloge_options_are_refused():
 @needs_fmnist
 def test_too_narrow_features_are_refused_once_the_data_are_known(tmp_path):
     """The driver checks d >= K right after loading the data, before Ray starts (fedlt.config hook)."""
-    from fedlt.federation.simulation import prepare_run
+    from fedlt.experiment import prepare_run
 
     cfg = compose("experiment=smoke", "strategy=fedloge", "model.feature_dim=8")
     with pytest.raises(ConfigError, match="model=cnn has 8-d features but dataset=fmnist_lt has 10 classes"):
@@ -277,12 +278,12 @@ def flower_setup():
     return cfg, plan
 
 
-def client_of_node(server: Server, msg) -> int:
-    return {node: c for c, node in server.node_of_client.items()}[msg.metadata.dst_node_id]
+def client_of_node(dispatch, msg) -> int:
+    return dispatch.client_of_node[msg.metadata.dst_node_id]
 
 
 def fresh_model(cfg, plan):
-    from fedlt.federation.model import build_run_model
+    from fedlt.core.model import build_run_model
     from fedlt.seeding import INIT, derive_seed
 
     torch.manual_seed(derive_seed(int(cfg["seed"]), INIT))
@@ -291,10 +292,13 @@ def fresh_model(cfg, plan):
 
 @needs_fmnist
 def test_client_app_round_trip_matches_direct_update_and_uploads_only_shared(flower_setup):
-    from flwr.app import ConfigRecord, Context, RecordDict
+    from flwr.app import Context, RecordDict
 
     from fedlt.data.federated import client_data
-    from fedlt.federation.client_app import FROZEN, PERSONAL, _RUNTIMES, make_client_app
+    from fedlt.core.client_step import _RUNTIMES, FROZEN
+    from fedlt.core.client_state import PERSONAL
+    from fedlt.core.rounds import Dispatch, client_of
+    from fedlt.flower.client_app import make_client_app
     from fedlt.seeding import TRAIN, derive_seed, torch_generator
 
     cfg, plan = flower_setup
@@ -304,20 +308,22 @@ def test_client_app_round_trip_matches_direct_update_and_uploads_only_shared(flo
     arrays = server.initial_arrays(model)
     assert set(server.frozen) == {"sse_c.weight", "sse_c.bias"}
     assert not any(k.startswith(("sse_c.", "personal_head.")) for k in arrays)  # never broadcast as global
-    server.node_of_client = {c: 100 + c for c in range(4)}
+    dispatch = Dispatch(server, cfg, hold_client_state=False)
+    dispatch.node_of_client = {c: 100 + c for c in range(4)}
+    dispatch.client_of_node = {100 + c: c for c in range(4)}
     app = make_client_app(cfg, plan)
     contexts = {c: Context(run_id=1, node_id=100 + c, node_config={"partition-id": c, "num-partitions": 4},
                            state=RecordDict(), run_config={}) for c in range(4)}
 
-    msgs = list(server.configure_train(1, arrays, ConfigRecord(), None))
+    msgs = dispatch.train_messages(1, arrays)
     assert all(set(m.content["frozen"].keys()) == {"sse_c.weight", "sse_c.bias"} for m in msgs)
-    replies = [app(m, contexts[client_of_node(server, m)]) for m in msgs]
+    replies = [app(m, contexts[client_of_node(dispatch, m)]) for m in msgs]
     shared = {k for k in model.state_dict() if k.startswith(("backbone.", "global_head."))}
     for r in replies:
         up = r.content["arrays"]
         assert set(up.keys()) == shared  # backbone (BN buffers included) + psi; no SSE-C, no phi_k
     # direct call of the client update from the same starting point gives the same tensors
-    cid = server.client_of(replies[0])
+    cid = client_of(replies[0])
     direct = fresh_model(cfg, plan)
     for sd in (server.frozen, arrays.to_torch_state_dict()):
         direct.load_state_dict(sd, strict=False)
@@ -334,7 +340,7 @@ def test_client_app_round_trip_matches_direct_update_and_uploads_only_shared(flo
         assert torch.equal(v, direct.state_dict()[k]), k
 
     # server: sample-weighted average of exactly the uploaded keys
-    agg, _ = server.aggregate_train(1, replies)
+    agg = server.aggregate(1, arrays, replies)
     n = np.array([float(next(iter(r.content.metric_records.values()))["num-examples"]) for r in replies])
     for key in ("global_head.weight", "backbone.body.1.running_mean"):  # psi and a BatchNorm buffer
         expect = sum(w * r.content["arrays"][key].numpy() for w, r in zip(n, replies, strict=True)) / n.sum()
@@ -344,12 +350,12 @@ def test_client_app_round_trip_matches_direct_update_and_uploads_only_shared(flo
     # round 2: the SSE-C is not sent again to clients that have it; phi_k continues from round 1; the SSE-C
     # in the trained model is still the server's, bit for bit (same values, same zero mask)
     arrays2 = server.merge(arrays, agg)
-    msgs2 = list(server.configure_train(2, arrays2, ConfigRecord(), None))
-    seen = {client_of_node(server, m) for m in msgs}
+    msgs2 = dispatch.train_messages(2, arrays2)
+    seen = {client_of_node(dispatch, m) for m in msgs}
     for m in msgs2:
-        assert ("frozen" in m.content) == (client_of_node(server, m) not in seen)
+        assert ("frozen" in m.content) == (client_of_node(dispatch, m) not in seen)
     for m in msgs2:
-        c = client_of_node(server, m)
+        c = client_of_node(dispatch, m)
         before = contexts[c].state[PERSONAL].to_torch_state_dict() if PERSONAL in contexts[c].state else None
         app(m, contexts[c])
         after = contexts[c].state[PERSONAL].to_torch_state_dict()

@@ -3,6 +3,7 @@ personal heads, which no client ever predicts with."""
 
 import numpy as np
 import torch
+from flwr.app import ArrayRecord
 
 from strategies.fedper import FedPerClient, Server
 from tests.strategies.conftest import build, changed, context, reply_from, snapshot, tiny_cfg, tiny_data
@@ -30,7 +31,8 @@ def test_generic_predictor_is_body_plus_the_weighted_average_of_personal_heads()
         m = build(FedPerClient, CFG)
         FedPerClient(CFG).train(context(m, tiny_data(counts, client_id=cid, seed=cid), CFG))
         models.append(m)
-    agg, _ = server.aggregate_train(1, [reply_from(m, server, c, n) for c, (m, n) in enumerate(zip(models, (20, 21)))])
+    replies = [reply_from(m, server, c, n) for c, (m, n) in enumerate(zip(models, (20, 21)))]
+    agg = server.aggregate(1, ArrayRecord(), replies)
     expected = (20 * models[0].head.weight + 21 * models[1].head.weight) / 41
     np.testing.assert_allclose(agg["averaged_head.weight"].numpy(), expected.detach().numpy(), rtol=1e-5)
     assert "head.weight" not in agg

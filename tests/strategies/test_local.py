@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from flwr.app import ArrayRecord
 
 from strategies.local import LocalClient, Server
 from tests.strategies.conftest import build, context, snapshot, tiny_cfg, tiny_data, train_reply
@@ -18,9 +19,9 @@ def test_every_model_key_is_personal_and_nothing_is_sent():
 
 def test_server_never_averages_and_refuses_uploaded_arrays():
     server = Server(CFG)
-    assert server.aggregate_train(1, [train_reply(0, 5, {}), train_reply(1, 7, {})]) == (None, None)
+    assert server.aggregate(1, ArrayRecord(), [train_reply(0, 5, {}), train_reply(1, 7, {})]) is None
     with pytest.raises(RuntimeError, match="nothing may be shared"):
-        server.aggregate_train(1, [train_reply(0, 5, {"head.weight": torch.zeros(2).numpy()})])
+        server.aggregate(1, ArrayRecord(), [train_reply(0, 5, {"head.weight": torch.zeros(2).numpy()})])
 
 
 def test_generic_accuracy_is_not_applicable():

@@ -73,6 +73,18 @@ def test_ldam_margin_on_true_class_and_deferred_reweighting():
     assert not torch.allclose(early(Z, Y), late(Z, Y))
 
 
+def test_drw_starts_at_the_first_round_whose_zero_based_index_reaches_drw_start_times_rounds():
+    """Official: weights from ``epoch // 160`` (0-based epoch 160, the 161st of 200). With 0.8 * 21 = 16.8 the
+    first re-weighted round is ceil(16.8) + 1 = 18 (1-based), not floor(16.8) + 1 = 17."""
+    def weighted(rnd, rounds):
+        plain = build_loss({"name": "ldam_drw", "drw_start": 0.8}, counts=COUNTS, round=rnd, num_rounds=rounds)
+        never = build_loss({"name": "ldam_drw", "drw_start": 1.0}, counts=COUNTS, round=rnd, num_rounds=rounds)
+        return not torch.allclose(plain(Z, Y), never(Z, Y))
+
+    assert [r for r in range(1, 22) if weighted(r, 21)][0] == 18
+    assert [r for r in range(150, 201) if weighted(r, 200)][0] == 161
+
+
 def test_logit_calibration_subtracts_tau_n_quarter_and_drops_absent_classes():
     present = COUNTS > 0
     expected = F.cross_entropy(Z[:, present] - 2.0 * COUNTS[present] ** -0.25, torch.tensor([0, 0, 1, 2, 0, 1]))
@@ -87,7 +99,7 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "loss"
 def test_every_loss_config_validates_and_builds(path):
     cfg = yaml.safe_load(path.read_text())
     assert cfg["name"] == path.stem and cfg["name"] in LOSSES
-    validate_loss({"loss": cfg})
+    validate_loss({"loss": cfg, "model": {"name": "cnn", "head": "cosine"}})  # ldam_drw needs the cosine head
     value = build_loss(cfg, counts=COUNTS, round=1, num_rounds=2)(Z, Y)
     assert torch.isfinite(value)
 
@@ -106,4 +118,4 @@ def test_every_registered_loss_has_a_config():
 ])
 def test_bad_loss_options_are_refused_with_the_value_named(bad, named):
     with pytest.raises(ConfigError, match=named.replace("(", r"\(").replace(".", r"\.")):
-        validate_loss({"loss": bad})
+        validate_loss({"loss": bad, "model": {"name": "cnn", "head": "cosine"}})

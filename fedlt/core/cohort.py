@@ -11,45 +11,44 @@ data sizes differ simply train during fewer steps (the stacks are ordered and th
 clients training at a step are a prefix), and short batches are padded and masked, so each step stays one call
 with no host round trip.
 
-Supported: strategies whose clients run the default local SGD (``ClientAlgorithm.train``) with ``loss=ce``,
-keep no personal state, and whose server side averages with Flower's FedAvg (no custom ``aggregate_train`` /
-``after_aggregate``) -- e.g. ``fedavg``. Anything else is refused with a ConfigError before Ray starts.
+Supported: strategies whose clients run the default local SGD (``ClientAlgorithm.train``, no own ``loss_fn``)
+with ``loss=ce``, keep no personal state, and whose server side averages (no custom ``aggregate`` /
+``after_aggregate``) -- e.g. ``fedavg``. Anything else is refused before Ray starts (:func:`unsupported_reasons`,
+called by ``fedlt.validate``).
 
-In the Flower path (``make_cohort_strategy``) the server sends one ``train.cohort`` message per group of sampled
-clients instead of one message per client; the actor trains the group with :func:`train_cohort` and replies
-with the group's sample-weighted average, which the server's FedAvg averages again by sample count: the same
-weighted mean (up to float rounding) with far fewer messages.
+With client batching the round loop sends one ``train.cohort`` message per group of sampled clients
+(:func:`cohorts`) instead of one per client; the client step (``fedlt.core.client_step.train_cohort_message``)
+trains the group with :func:`train_cohort` and replies with the group's sample-weighted average, which the
+server averages again by sample count: the same weighted mean (up to float rounding) with far fewer messages.
 """
 
 from __future__ import annotations
 
 import math
-import time
 
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad_and_value, vmap
 
+from fedlt.config import ConfigError
 from fedlt.data.augment import crop_flip, to_float
 
-COHORT = "cohort"  # message type suffix: "train.cohort"
-
-
 # --------------------------------------------------------------------------------------------- support
-def unsupported_reasons(cfg: dict) -> list[str]:
-    from fedlt.federation.algorithm import ClientAlgorithm
-    from fedlt.federation.strategy import FedLTStrategy
-    from strategies import get_strategy
+def unsupported_reasons(server_cls, cfg: dict) -> list[str]:
+    """Why ``server_cls`` cannot be trained with client batching under ``cfg`` (empty: it can)."""
+    from fedlt.api.client import ClientAlgorithm
+    from fedlt.api.server import ServerAlgorithm
 
-    server_cls = get_strategy(cfg["strategy"]["name"])
     algo = server_cls.client_cls
     reasons = []
     if algo.train is not ClientAlgorithm.train:
         reasons.append("its clients run their own train() instead of the default local SGD")
+    if algo.loss_fn is not ClientAlgorithm.loss_fn:
+        reasons.append("its clients train with their own loss_fn() (the vectorised step is plain cross-entropy)")
     if algo.personal_prefixes:
         reasons.append("its clients keep personal model state")
-    for hook in ("aggregate_train", "after_aggregate"):
-        if getattr(server_cls, hook) is not getattr(FedLTStrategy, hook):
+    for hook in ("aggregate", "after_aggregate"):
+        if getattr(server_cls, hook) is not getattr(ServerAlgorithm, hook):
             reasons.append(f"its server overrides {hook}()")
     loss = (cfg.get("loss") or {}).get("name", "ce")
     if loss != "ce":
@@ -57,15 +56,15 @@ def unsupported_reasons(cfg: dict) -> list[str]:
     return reasons
 
 
-def check_supported(cfg: dict) -> None:
-    from fedlt.config import ConfigError
-
-    reasons = unsupported_reasons(cfg)
+def check_supported(cfg: dict, server_cls) -> None:
+    """Refuse ``backend.client_batching=true`` for a strategy it cannot train (one paragraph, before Ray)."""
+    reasons = unsupported_reasons(server_cls, cfg)
     if reasons:
         raise ConfigError(
             f"invalid value backend.client_batching=true for strategy={cfg['strategy']['name']}: client batching "
             f"vectorises plain local SGD of clients without personal state and averages them with FedAvg, but "
-            f"{'; '.join(reasons)}. Set backend.client_batching=false (or use a plain-SGD strategy such as fedavg).")
+            f"{'; '.join(reasons)}. Set backend.client_batching=false (or use a plain-SGD strategy such as "
+            f"fedavg).")
 
 
 # --------------------------------------------------------------------------------------------- trainer
@@ -240,199 +239,24 @@ def train_cohort(model: torch.nn.Module, start_state: dict[str, torch.Tensor], d
     return states, metrics
 
 
-# ------------------------------------------------------------------------------------ Flower integration
-class CohortTraining:
-    """Mixin for a FedLTStrategy: one ``train.cohort`` message per group of the round's sampled clients."""
-
-    def cohorts(self, clients: list[int]) -> list[list[int]]:
-        size = int(self.cfg["backend"].get("batching_group") or 0)
-        if size <= 0:
-            groups = max(1, min(len(clients), _actor_count(self.cfg)))
-            size = math.ceil(len(clients) / groups)
-        return [clients[i : i + size] for i in range(0, len(clients), size)]
-
-    def configure_train(self, server_round, arrays, config, grid):
-        from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
-
-        base = {**dict(config), "server-round": server_round, **self.train_config(server_round)}
-        out = []
-        for group in self.cohorts(self.sample_clients(server_round)):
-            content = RecordDict({"arrays": arrays, "config": ConfigRecord({**base, "cohort": list(group)})})
-            if self.frozen:
-                content["frozen"] = ArrayRecord(self.frozen)
-            out.append(Message(content=content, dst_node_id=self.node_of_client[group[0]],
-                               message_type=f"{MessageType.TRAIN}.{COHORT}"))
-        return out
+# ------------------------------------------------------------------------------------------ groups
+def cohorts(clients: list[int], cfg: dict, actors: int) -> list[list[int]]:
+    """The round's sampled clients in groups of ``backend.batching_group`` (0: one group per actor)."""
+    size = int(cfg["backend"].get("batching_group") or 0)
+    if size <= 0:
+        size = math.ceil(len(clients) / max(1, min(len(clients), actors)))
+    return [clients[i : i + size] for i in range(0, len(clients), size)]
 
 
-def make_cohort_strategy(server_cls: type) -> type:
-    """``server_cls`` with cohort training (used by the ServerApp when backend.client_batching is on)."""
-    return type(f"Cohort{server_cls.__name__}", (CohortTraining, server_cls), {})
-
-
-def _actor_count(cfg: dict) -> int:
-    """How many client actors Ray can run at once (Flower's own formula), 1 when unknown."""
-    try:
-        import ray
-
-        if not ray.is_initialized():
-            return 1
-        b = cfg["backend"]
-        total = 0
-        for node in ray.nodes():
-            res = node.get("Resources") or {}
-            n = int(res.get("CPU", 0) / float(b["num_cpus_per_client"]))
-            if float(b["num_gpus_per_client"]) > 0:
-                n = min(n, int(res.get("GPU", 0) / float(b["num_gpus_per_client"])))
-            total += n
-        return max(total, 1)
-    except Exception:  # noqa: BLE001 -- a heuristic for the group size only
-        return 1
-
-
-def handle_cohort(rt, msg, context):
-    """The ClientApp side of a ``train.cohort`` message: train the listed clients together, reply with their
-    sample-weighted average (non-finite clients left out and counted) and summed metrics."""
-    from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
-
-    from fedlt.federation.client_app import FROZEN, client_view
-    from fedlt.federation.strategy import has_prefix
-    from fedlt.seeding import TRAIN, derive_seed, torch_generator
-
-    cfg, algo = rt.cfg, rt.algorithm
-    rnd = int(msg.content["config"]["server-round"])
-    cohort = [int(c) for c in msg.content["config"]["cohort"]]
-    start = {k: v.detach().clone() for k, v in rt.init_state.items()}
-    sources = [msg.content["frozen"]] if "frozen" in msg.content else (
-        [context.state[FROZEN]] if FROZEN in context.state else [])
-    for rec in [*sources, msg.content["arrays"]]:
-        start.update(rec.to_torch_state_dict())
-    budget = float(cfg["backend"].get("client_data_cache_mb", 512))
-    datas = [client_view(rt.plan, c, budget) for c in cohort]
-    gens = [torch_generator(int(cfg["seed"]), TRAIN, rnd, c) for c in cohort]
-    torch.manual_seed(derive_seed(int(cfg["seed"]), TRAIN, rnd, cohort[0]))
-    t0 = time.monotonic()
-    states, metrics = train_cohort(rt.model, start, datas, gens, cfg, rt.device)
-    shared_keys = [k for k in start if not has_prefix(k, algo.frozen_prefixes)]
-    ok = [i for i, sd in enumerate(states)
-          if all(torch.isfinite(sd[k]).all() for k in shared_keys if sd[k].is_floating_point())]
-    weights = [datas[i].num_train for i in ok]
+def average_states(states: list[dict[str, torch.Tensor]], weights: list[int], keys: list[str]) -> dict:
+    """Sample-weighted average of the listed keys (integer buffers averaged in float64)."""
     total = sum(weights)
     avg = {}
-    for key in shared_keys:
-        if not ok:
-            break
+    for key in keys:
         acc = None
-        for i, w in zip(ok, weights, strict=True):
-            v = states[i][key]
+        for sd, w in zip(states, weights, strict=True):
+            v = sd[key]
             term = (v.double() if not v.is_floating_point() else v) * (w / total)
             acc = term if acc is None else acc + term
         avg[key] = acc
-    record = {"num-examples": total, "client-id": cohort[0], "num-clients": len(ok),
-              "failed-clients": len(cohort) - len(ok), "train/time_s": time.monotonic() - t0,
-              "train/loss": (sum(metrics[i]["train/loss"] * w for i, w in zip(ok, weights, strict=True)) / total
-                             if total else float("nan")),
-              "train/steps": float(sum(metrics[i]["train/steps"] for i in ok))}
-    if not ok:
-        raise RuntimeError(f"every client of cohort {cohort} produced non-finite weights in round {rnd}")
-    return Message(RecordDict({"arrays": ArrayRecord(avg), "metrics": MetricRecord(record)}), reply_to=msg)
-
-
-# ------------------------------------------------------------------------------------------ benchmark
-def updates_benchmark(cfg: dict, fractional: bool = False, repeats: int = 3) -> dict:
-    """Client updates per second: the sampled clients of round 1 trained one after another (what a client
-    actor does per message) vs together with :func:`train_cohort`; plus, with ``fractional``, fedlt's Flower
-    path with fractional GPUs per client (on a CPU-only machine: the same run on the CPU)."""
-    from fedlt.data.federated import prepare
-    from fedlt.federation.algorithm import ClientContext
-    from fedlt.federation.client_app import client_view, configure_torch, device_for
-    from fedlt.federation.model import build_run_model
-    from fedlt.seeding import INIT, TRAIN, derive_seed, torch_generator
-    from strategies import get_strategy
-
-    reasons = unsupported_reasons(cfg)
-    device = device_for(cfg["backend"])
-    configure_torch(cfg["backend"])
-    plan, _, _ = prepare(cfg)
-    server_cls = get_strategy(cfg["strategy"]["name"])
-    algo = server_cls.client_cls(cfg)
-    torch.manual_seed(derive_seed(int(cfg["seed"]), INIT))
-    model = build_run_model(cfg, plan, server_cls.client_cls).to(device)
-    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    clients = server_cls(cfg).sample_clients(1)
-    budget = float(cfg["backend"].get("client_data_cache_mb", 512))
-    datas = [client_view(plan, c, budget) for c in clients]
-
-    def sync():
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-
-    def sequential() -> list[dict]:
-        out = []
-        for c, d in zip(clients, datas, strict=True):
-            model.load_state_dict(start)
-            ctx = ClientContext(model=model, data=d, cfg=cfg, round=1,
-                                generator=torch_generator(int(cfg["seed"]), TRAIN, 1, c), device=device)
-            algo.train(ctx)
-            out.append({k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
-        sync()
-        return out
-
-    def batched() -> list[dict]:
-        gens = [torch_generator(int(cfg["seed"]), TRAIN, 1, c) for c in clients]
-        states, _ = train_cohort(model, start, datas, gens, cfg, device)
-        sync()
-        return states
-
-    result: dict = {"mode": "updates", "strategy": cfg["strategy"]["name"], "dataset": cfg["dataset"]["name"],
-                    "model": cfg["model"]["name"], "device": device, "clients_per_update_batch": len(clients),
-                    "steps_per_client_mean": None}
-    seq_times, seq_states = [], None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        seq_states = sequential()
-        seq_times.append(time.perf_counter() - t0)
-    result["sequential_updates_per_s"] = round(len(clients) / min(seq_times), 3)
-    if reasons:
-        result["client_batching"] = "unsupported: " + "; ".join(reasons)
-    else:
-        bat_times, bat_states = [], None
-        for _ in range(repeats + 1):  # the first call compiles vmap's batching rules: not timed
-            t0 = time.perf_counter()
-            bat_states = batched()
-            bat_times.append(time.perf_counter() - t0)
-        best = min(bat_times[1:])
-        result["batched_updates_per_s"] = round(len(clients) / best, 3)
-        result["batched_speedup"] = round(min(seq_times) / best, 2)
-        result["max_abs_weight_diff"] = max(float((a[k].double() - b[k].double()).abs().max())
-                                            for a, b in zip(seq_states, bat_states, strict=True) for k in a)
-    steps = [math.ceil(d.num_train / int(cfg["batch_size"])) * int(cfg["local_epochs"]) for d in datas]
-    result["steps_per_client_mean"] = round(sum(steps) / len(steps), 1)
-    if fractional:
-        result["fractional_gpu_run"] = _fractional_run(cfg, device)
-    return result
-
-
-def _fractional_run(cfg: dict, device: str) -> dict:
-    """fedlt's Flower path with 4 clients per GPU (num_gpus_per_client=0.25); CPU-only: the same run on CPU."""
-    import tempfile
-
-    try:
-        import ray  # noqa: F401
-    except ImportError:
-        return {"skipped": "ray is not installed here"}
-    from fedlt.federation.simulation import run
-
-    b = dict(cfg["backend"])
-    on_gpu = device.startswith("cuda")
-    b["num_gpus_per_client"] = 0.25 if on_gpu else 0.0
-    if on_gpu:
-        b["num_cpus_per_client"] = min(float(b["num_cpus_per_client"]), 1.0)
-    run_cfg = {**cfg, "backend": b, "eval": {**cfg["eval"], "every": 0}}
-    t0 = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="fedlt-gpucheck-") as d:
-        res = run(run_cfg, __import__("pathlib").Path(d))
-    sampled = max(int(float(cfg["participation"]) * int(cfg["num_clients"])), 1)
-    return {"num_gpus_per_client": b["num_gpus_per_client"], "device": device, "wall_s": round(time.monotonic() - t0, 2),
-            "rounds": res.get("rounds_completed"), "generic_accuracy": res.get("generic/accuracy"),
-            "client_updates": sampled * int(res.get("rounds_completed") or 0)}
+    return avg

@@ -1,4 +1,4 @@
-"""The two halves of an algorithm and the hooks they override.
+"""What an algorithm author sees, client side: :class:`ClientAlgorithm` and the :class:`ClientContext` it gets.
 
 An algorithm (one file in ``strategies/``) is a pair:
 
@@ -6,13 +6,13 @@ An algorithm (one file in ``strategies/``) is a pair:
   It trains the model it is handed (``train``) and says how the client predicts (``predictors``).
   Class attributes declare which model state is personal (kept per client, never uploaded) and which is
   frozen (built once by the server, sent once, never trained or uploaded).
-* a **server side**, a subclass of :class:`fedlt.federation.strategy.FedLTStrategy` (itself a subclass of
-  Flower's message-based ``FedAvg``): it says what is sent (``train_config``, ``frozen_arrays``), how replies
-  are aggregated (Flower's ``aggregate_train``, or a server optimizer such as ``FedAdam``), and how the
-  global model predicts (``generic_predictors``).
+* a **server side**, a subclass of :class:`fedlt.api.server.ServerAlgorithm`: it says what is sent
+  (``train_config``, ``frozen_arrays``), how replies are aggregated (``aggregate``: Flower's sample-weighted
+  average by default) and how the global model predicts (``generic_predictors``).
 
 Everything else -- sampling, seeding, messaging, evaluation, logging, checkpoints, Ray -- belongs to
-``fedlt.federation`` and is identical for every algorithm.
+``fedlt.core`` (the round loop and the one client step) and ``fedlt.flower`` (Flower + Ray), and is identical for
+every algorithm.
 """
 
 from __future__ import annotations
@@ -67,6 +67,21 @@ class ClientAlgorithm:
 
     personal_prefixes: tuple[str, ...] = ()
     frozen_prefixes: tuple[str, ...] = ()
+
+    # ------------------------------------------------------------------ what travels (the one rule)
+    @classmethod
+    def is_personal(cls, key: str) -> bool:
+        return key.startswith(cls.personal_prefixes) if cls.personal_prefixes else False
+
+    @classmethod
+    def is_frozen(cls, key: str) -> bool:
+        return key.startswith(cls.frozen_prefixes) if cls.frozen_prefixes else False
+
+    @classmethod
+    def is_shared(cls, key: str) -> bool:
+        """Sent by the server every round and uploaded by the client: neither personal nor frozen."""
+        return not cls.is_personal(key) and not cls.is_frozen(key)
+
     @classmethod
     def personalization_stage(cls, cfg: dict) -> str:
         """Recorded in results.json: "before" when ``predictors`` evaluate the received global model as is,

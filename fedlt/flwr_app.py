@@ -27,9 +27,9 @@ _CONFIGS: dict[str, tuple[dict, object]] = {}
 
 def config_from_run(run_config) -> dict:
     """The validated fedlt config for a run's ``fedlt-overrides``."""
-    from fedlt.bench import compose
+    from fedlt.compose import compose
 
-    return compose(shlex.split(str(run_config.get("fedlt-overrides", "") or "")))
+    return compose(shlex.split(str(run_config.get("fedlt-overrides", "") or "")), job_name="flwr-run")
 
 
 def _client_app_of(run_config) -> ClientApp:
@@ -37,7 +37,7 @@ def _client_app_of(run_config) -> ClientApp:
     key = str(run_config.get("fedlt-overrides", "") or "")
     if key not in _CONFIGS:
         from fedlt.data.federated import prepare
-        from fedlt.federation.client_app import make_client_app
+        from fedlt.flower.client_app import make_client_app
 
         cfg = config_from_run(run_config)
         plan, _, _ = prepare(cfg)
@@ -60,8 +60,10 @@ server_app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     from omegaconf import OmegaConf
 
-    from fedlt.federation.server_app import RunOutcome, make_server_app
-    from fedlt.federation.simulation import final_results, prepare_run, quiet_flower
+    from fedlt.core.rounds import RunOutcome
+    from fedlt.experiment import final_results, prepare_run
+    from fedlt.flower.server_app import make_server_app
+    from fedlt.flower.simulation import quiet_flower
     from fedlt.runlog import RunLogger, write_json_atomic
 
     t0 = time.monotonic()

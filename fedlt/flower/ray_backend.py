@@ -204,3 +204,24 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
     except OSError:
         return False
+
+
+def actor_count(cfg: dict) -> int:
+    """How many client actors Ray can run at once (Flower's own formula), 1 when unknown (client batching makes
+    one group per actor)."""
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return 1
+        b = cfg["backend"]
+        total = 0
+        for node in ray.nodes():
+            res = node.get("Resources") or {}
+            n = int(res.get("CPU", 0) / float(b["num_cpus_per_client"]))
+            if float(b["num_gpus_per_client"]) > 0:
+                n = min(n, int(res.get("GPU", 0) / float(b["num_gpus_per_client"])))
+            total += n
+        return max(total, 1)
+    except Exception:  # noqa: BLE001 -- a heuristic for the group size only
+        return 1

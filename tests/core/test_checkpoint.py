@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from fedlt.federation import checkpoint
-from fedlt.federation.checkpoint import CheckpointError, RunState
-from fedlt.federation.client_app import injected_fault
+from fedlt import rundir
+from fedlt.core import checkpoint
+from fedlt.core.checkpoint import CheckpointError, RunState
+from fedlt.core.faults import injected_fault
 from tests.conftest import needs_fmnist
-from tests.federation.inprocess import PROBE, compose, register_probe, run_inprocess
+from tests.core.probe import PROBE, compose, register_probe, run_inprocess
 
 TINY = ("experiment=smoke", "model.width=8", "model.feature_dim=16", "num_clients=4", "participation=0.5",
         "eval.every=1", "checkpoint.every=1", "checkpoint.keep=0", f"strategy.name={PROBE}")
@@ -160,14 +161,14 @@ def test_truncated_checkpoint_is_reported_with_its_path(tmp_path):
 
 
 def test_resume_accepts_only_whitelisted_overrides():
-    assert checkpoint.override_keys(["resume=/r", "num_rounds=5", "+backend.init_args.x=1", "~foo"]) == [
+    assert rundir.override_keys(["resume=/r", "num_rounds=5", "+backend.init_args.x=1", "~foo"]) == [
         "resume", "num_rounds", "backend.init_args.x", "foo"]
     ident = checkpoint.identity({**CFG, "num_rounds": 3, "log_level": "INFO"})
     assert "num_rounds" not in ident and "seed" in ident and "backend.num_cpus" not in ident
 
 
 def test_first_signal_requests_a_stop_and_handlers_are_restored():
-    from fedlt.federation.interrupt import StopRequest
+    from fedlt.core.interrupt import StopRequest
 
     before = signal.getsignal(signal.SIGTERM)
     stop = StopRequest()

@@ -7,8 +7,9 @@ import torch
 
 from fedlt.config import ConfigError
 from fedlt.data.federated import ClientData, DataPlan
-from fedlt.federation.algorithm import ClientAlgorithm, ClientContext
-from fedlt.federation.batched import check_supported, train_cohort
+from fedlt.api.client import ClientAlgorithm, ClientContext
+from fedlt.core.cohort import check_supported, train_cohort
+from strategies import get_strategy
 from fedlt.models import build_model
 from fedlt.seeding import torch_generator
 
@@ -70,23 +71,23 @@ def test_vectorised_clients_match_the_sequential_loop(model, sizes, steps):
 def test_cohort_reply_is_the_sample_weighted_average(model, tmp_path):
     from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
-    from fedlt.federation import batched, client_app
-    from fedlt.federation.client_app import ClientRuntime
+    from fedlt.core import client_step
+    from fedlt.core.client_step import ClientRuntime
 
     cfg = {**CFG, "backend": {"client_data_cache_mb": 0}}
     datas = {5: synthetic_client(5, 24), 9: synthetic_client(9, 8)}
     start = {k: v.clone() for k, v in model.state_dict().items()}
     rt = ClientRuntime(cfg, PLAN, ClientAlgorithm(cfg), model, start, "cpu")
-    old = client_app.client_view
-    client_app.client_view = lambda plan, cid, budget=0: datas[cid]
+    old = client_step.client_view
+    client_step.client_view = lambda plan, cid, budget=0: datas[cid]
     try:
         msg = Message(RecordDict({"arrays": ArrayRecord({k: v for k, v in start.items()}),
                                   "config": ConfigRecord({"server-round": 1, "cohort": [5, 9]})}),
                       dst_node_id=1, message_type=f"{MessageType.TRAIN}.cohort")
         ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
-        reply = batched.handle_cohort(rt, msg, ctx)
+        reply = client_step.train_cohort_message(rt, msg, ctx)
     finally:
-        client_app.client_view = old
+        client_step.client_view = old
     m = reply.content["metrics"]
     assert m["num-examples"] == 32 and m["num-clients"] == 2 and m["client-id"] == 5
     states, _ = train_cohort(model, start, [datas[5], datas[9]], [torch_generator(3, 2, 1, c) for c in (5, 9)],
@@ -99,7 +100,7 @@ def test_cohort_reply_is_the_sample_weighted_average(model, tmp_path):
 def test_unsupported_strategy_is_refused():
     cfg = {**CFG, "strategy": {"name": "fedprox", "mu": 0.01}}
     with pytest.raises(ConfigError, match=r"backend\.client_batching=true for strategy=fedprox.*own train"):
-        check_supported(cfg)
-    check_supported(CFG)  # fedavg is supported
+        check_supported(cfg, get_strategy("fedprox"))
+    check_supported(CFG, get_strategy("fedavg"))  # fedavg is supported
     with pytest.raises(ConfigError, match="loss=focal"):
-        check_supported({**CFG, "loss": {"name": "focal"}})
+        check_supported({**CFG, "loss": {"name": "focal"}}, get_strategy("fedavg"))

@@ -37,15 +37,12 @@ class ClientStateStore:
     def __init__(self) -> None:
         self.records: dict[int, dict[str, ArrayRecord]] = {}
 
-    def attach(self, messages: Iterable[Message], client_of_node: dict[int, int]) -> list[Message]:
-        """Add each destination client's records (and the mode flag) to outgoing messages."""
-        out = []
-        for m in messages:
-            m.content["config"][MODE_KEY] = "server"
-            for name, rec in self.records.get(client_of_node[m.metadata.dst_node_id], {}).items():
-                m.content[name] = rec
-            out.append(m)
-        return out
+    def attach(self, msg: Message, client: int) -> Message:
+        """Add the client's records (and the mode flag) to a message for it."""
+        msg.content["config"][MODE_KEY] = "server"
+        for name, rec in self.records.get(client, {}).items():
+            msg.content[name] = rec
+        return msg
 
     def collect(self, replies: Iterable[Message], client_of: Callable[[Message], int]) -> None:
         """Take the updated records out of accepted train replies (so the rest is a plain Flower reply with one

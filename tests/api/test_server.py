@@ -5,6 +5,7 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 
+from fedlt.core.rounds import Dispatch, client_of
 from strategies.fedavg import Server as FedAvgServer
 
 CFG = {"participation": 0.3, "num_clients": 40, "seed": 7}
@@ -20,7 +21,7 @@ def test_aggregation_is_weighted_by_sample_counts():
     s = FedAvgServer(CFG)
     replies = [reply(0, 10, {"w": np.array([1.0, 0.0], dtype=np.float32)}),
                reply(1, 30, {"w": np.array([5.0, 4.0], dtype=np.float32)})]
-    arrays, _ = s.aggregate_train(1, replies)
+    arrays = s.aggregate(1, ArrayRecord(), replies)
     np.testing.assert_allclose(arrays["w"].numpy(), [4.0, 3.0])
 
 
@@ -34,13 +35,13 @@ def test_sampling_is_seeded_by_round_and_independent_of_history():
 
 
 def test_non_finite_updates_are_rejected_and_replies_sorted_by_client():
-    s = FedAvgServer(CFG)
-    s.node_of_client = {0: 100, 1: 101, 2: 102}
+    s = Dispatch(FedAvgServer(CFG), CFG)
+    s.client_of_node = {100: 0, 101: 1, 102: 2}
     good2 = reply(2, 5, {"w": np.ones(2, dtype=np.float32)})
     bad = reply(1, 5, {"w": np.array([np.nan, 1.0], dtype=np.float32)})
     good0 = reply(0, 5, {"w": np.ones(2, dtype=np.float32)})
-    ok, failures = s.split_replies([good2, bad, good0])
-    assert [s.client_of(r) for r in ok] == [0, 2]
+    ok, failures = s.split_replies([], [good2, bad, good0], 1.0)
+    assert [client_of(r) for r in ok] == [0, 2]
     assert len(failures) == 1 and "non-finite" in failures[0]["reason"]
 
 

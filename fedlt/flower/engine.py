@@ -2,7 +2,7 @@
 
 Measured costs of the stock engine (fedlt-bench, README "Performance"):
 
-* **Ray start-up** (3-15 s on a 2-core box): fedlt starts Ray itself (``fedlt.federation.ray_backend``, with a
+* **Ray start-up** (3-15 s on a 2-core box): fedlt starts Ray itself (``fedlt.flower.ray_backend``, with a
   watchdog and a reachability probe); Flower reuses the initialised Ray.
 * **Dispatch polling**: the engine's dispatcher thread asks the link state, every 0.1 s and *for every node*,
   for one pending message (``get_message_ins(node_id, limit=1)``), and each such call scans every stored
@@ -165,7 +165,7 @@ def validate_backend(cfg: dict) -> None:
     if "batching_group" in b:
         check_int(cfg, "backend.batching_group", 0)
     if b.get("client_batching"):
-        from fedlt.federation.batched import check_supported
+        from fedlt.core.cohort import check_supported
 
         check_supported(cfg)
 

@@ -9,7 +9,7 @@ from queue import Empty, Queue
 
 import pytest
 
-from fedlt.federation import engine
+from fedlt.flower import engine
 
 
 @pytest.fixture

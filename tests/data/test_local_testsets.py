@@ -1,6 +1,6 @@
 import numpy as np
 
-from fedlt.data.local_test import proportional_local_tests
+from fedlt.data.local_testsets import proportional_local_tests
 
 
 def test_proportional_rule_counts_and_no_repeats_within_a_client():
@@ -21,7 +21,7 @@ def test_overflow_takes_all_images_of_the_class():
 
 
 def test_holdout_removes_test_images_from_training_and_follows_train_test_split_sizes():
-    from fedlt.data.local_test import holdout_local_tests, local_test_overlap
+    from fedlt.data.local_testsets import holdout_local_tests, local_test_overlap
 
     rng = np.random.default_rng(0)
     perm = rng.permutation(1000)
@@ -38,7 +38,7 @@ def test_holdout_removes_test_images_from_training_and_follows_train_test_split_
 
 
 def test_overlap_report_of_proportional_local_tests():
-    from fedlt.data.local_test import local_test_overlap
+    from fedlt.data.local_testsets import local_test_overlap
 
     test_labels = np.repeat(np.arange(2), 10)
     tests = proportional_local_tests(np.array([[10, 10], [10, 10], [10, 0]]), test_labels, seed=0)

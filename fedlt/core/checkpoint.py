@@ -1,7 +1,7 @@
 """Checkpoints and resume: everything a run needs to continue after round k exactly as if it had never stopped.
 
 A checkpoint (``<run_dir>/checkpoints/round-000k.pt``) holds: the global arrays, every client's persistent
-state (:mod:`fedlt.federation.client_state`), the strategy's ``server_state()``, the round number, the metrics
+state (:mod:`fedlt.core.client_state`), the strategy's ``server_state()``, the round number, the metrics
 rows, failures and per-client detail logged so far, the elapsed time, and the driver's global RNG states (the
 algorithms' randomness is derived statelessly from (seed, purpose, round, client) -- see :mod:`fedlt.seeding` --
 and the driver's global generators are re-seeded from (seed, round) at the start of every round, so nothing
@@ -140,13 +140,13 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _overridable(key: str) -> bool:
+def overridable(key: str) -> bool:
     return any(key == k or key.startswith(k + ".") for k in RESUME_OVERRIDABLE)
 
 
 def identity(cfg: dict) -> dict:
     """The part of a config that decides what a run computes (flattened)."""
-    return {k: v for k, v in sorted(_flatten(cfg).items()) if not _overridable(k) and k != "resume"}
+    return {k: v for k, v in sorted(_flatten(cfg).items()) if not overridable(k) and k != "resume"}
 
 
 def fingerprint(cfg: dict) -> str:
@@ -318,50 +318,3 @@ def reset_run_dir(run_dir: Path, state: RunState | None, cfg: dict | None = None
     os.replace(tmp, metrics)
     if state is None:
         shutil.rmtree(run_dir / "tb", ignore_errors=True)
-
-
-def override_keys(overrides: list[str]) -> list[str]:
-    """Config keys named by Hydra command-line overrides (``a.b=1``, ``+a=1``, ``~a``, ``group=name``)."""
-    return [o.lstrip("+~").split("=", 1)[0].split("@", 1)[0] for o in overrides]
-
-
-def resume_config(resume: str, overrides: list[str], composed: dict) -> tuple[Path, dict]:
-    """``fedlt resume=RUN_DIR [allowed overrides]``: the run directory and the config to continue it with --
-    its own config.yaml, plus the command-line values of the RESUME_OVERRIDABLE keys the user passed (from
-    ``composed``, Hydra's composition of the command line). Anything else on the command line is refused."""
-    from omegaconf import OmegaConf
-
-    run_dir = Path(os.path.expanduser(str(resume))).resolve()
-    if not run_dir.is_dir():
-        raise CheckpointError(f"invalid value resume={resume!r}: {run_dir} is not a directory; pass the run "
-                              f"directory of the run to continue (the `run_dir:` line fedlt printed).")
-    if not os.access(run_dir, os.R_OK | os.W_OK | os.X_OK):
-        raise CheckpointError(f"invalid value resume={resume!r}: the run directory {run_dir} cannot be read and "
-                              f"written by this user; fix its permissions.")
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        raise CheckpointError(f"invalid value resume={resume!r}: {run_dir} is not a fedlt run directory (it has "
-                              f"no config.yaml).")
-    try:
-        saved = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-        if not isinstance(saved, dict) or "strategy" not in saved or "num_rounds" not in saved:
-            raise ValueError("not a fedlt run configuration")
-    except Exception as e:  # noqa: BLE001 -- unreadable for any reason: same message
-        raise CheckpointError(f"invalid value resume={resume!r}: {path} cannot be read as a fedlt run "
-                              f"configuration ({type(e).__name__}: {str(e).strip()[:200]}).") from None
-    keys = [k for k in override_keys(overrides) if k != "resume"]
-    refused = [k for k in keys if not _overridable(k)]
-    if refused:
-        raise CheckpointError(
-            f"resume={resume!r} continues the run with its own config.yaml, so {', '.join(refused)} cannot be "
-            f"changed on the command line; only {', '.join(RESUME_OVERRIDABLE)} may be (start a new run to change "
-            f"anything else).")
-    for key in keys:
-        src, dst = composed, saved
-        *parents, leaf = key.split(".")
-        for p in parents:
-            src = src[p]
-            dst = dst.setdefault(p, {})
-        dst[leaf] = src[leaf]
-    saved["resume"] = None
-    return run_dir, saved

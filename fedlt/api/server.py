@@ -1,0 +1,145 @@
+"""What an algorithm author sees, server side: :class:`ServerAlgorithm`.
+
+fedlt's server API is its own small protocol, not a Flower ``Strategy``: a Fed-LT run needs seeded client
+sampling that does not depend on node ids, evaluation of ALL clients every ``eval.every`` rounds, frozen arrays
+sent once, rejection of failed or non-finite updates, checkpoints and resume -- so the round loop
+(:func:`fedlt.core.rounds.run_rounds`) is fedlt's, and an algorithm only fills in the hooks below. Flower is
+used as a library where it does the protocol's exact thing: replies are Flower ``Message`` objects, the default
+aggregation is Flower's ``aggregate_arrayrecords`` (sample-weighted average), and server optimizers hold a
+Flower ``FedAdam`` / ``FedAvgM`` object and call its update (``strategies/_server_opt.py``).
+
+Hooks (override in ``strategies/<name>.py``, class ``Server``):
+
+* ``client_cls`` -- the client side (a :class:`fedlt.api.client.ClientAlgorithm` subclass).
+* ``params`` -- the strategy's hyper-parameters as a dataclass of :func:`fedlt.config.param` fields (default,
+  type, range, doc in one place); ``configs/strategy/<name>.yaml`` holds the same defaults (tested).
+* ``validate_config(cfg)`` / ``validate_data(cfg, num_classes)`` -- rules across options, checked before Ray.
+* ``sample_clients(server_round)`` -- who trains this round (default: the seeded uniform sample).
+* ``train_config(server_round)`` -- extra scalars sent with the global arrays.
+* ``frozen_arrays(model)`` -- arrays built once on the server and sent once to each client.
+* ``aggregate(server_round, sent, replies)`` -- the new shared arrays from accepted replies.
+* ``after_aggregate(server_round, arrays, replies)`` -- a server-side step after aggregation (e.g. CReFF).
+* ``generic_predictors(model)`` -- the global model(s) scored on the balanced test set; the first is primary.
+* ``server_state()`` / ``load_server_state(state)`` -- strategy state that checkpoints must carry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, Message
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+from fedlt.api.client import ClientAlgorithm, Predictor
+from fedlt.config import clients_per_round
+from fedlt.eval.generic import GenericEvaluation
+from fedlt.eval.personalized import personalized_metrics
+from fedlt.eval.predict import predict_logits
+from fedlt.seeding import SAMPLE, numpy_rng
+
+NUM_EXAMPLES = "num-examples"  # the reply metric every aggregation weights by
+
+
+@dataclass(frozen=True)
+class NoParams:
+    """The hyper-parameters of a strategy that has none (``strategy.*`` holds only its name)."""
+
+
+class ServerAlgorithm:
+    """FedAvg's server side; subclass it and override what differs (see the module docstring)."""
+
+    client_cls: type[ClientAlgorithm] = ClientAlgorithm
+    params = None  # a dataclass of fedlt.config.param fields (None: the strategy has no options)
+
+    def __init__(self, cfg: dict):
+        self.cfg = cfg
+        self.frozen: dict[str, torch.Tensor] = {}
+
+    # ---------------------------------------------------------------------------------- validation
+    @staticmethod
+    def validate_config(cfg: dict) -> None:
+        """Rules across options (each option's own type and range come from ``params``)."""
+
+    @staticmethod
+    def validate_data(cfg: dict, num_classes: int) -> None:
+        """Rules that need the dataset (checked after the data are prepared, before Ray starts)."""
+
+    # --------------------------------------------------------------------------------------- hooks
+    def sample_clients(self, server_round: int) -> list[int]:
+        """Uniform sample without replacement of :func:`fedlt.config.clients_per_round` client ids, from a
+        stream derived from (seed, round): independent of node ids, actor count and history."""
+        n = int(self.cfg["num_clients"])
+        rng = numpy_rng(int(self.cfg["seed"]), SAMPLE, server_round)
+        return sorted(int(c) for c in rng.choice(n, size=clients_per_round(n, self.cfg["participation"]),
+                                                 replace=False))
+
+    def train_config(self, server_round: int) -> dict:
+        return {}
+
+    def frozen_arrays(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in model.state_dict().items() if self.client_cls.is_frozen(k)}
+
+    def aggregate(self, server_round: int, sent: ArrayRecord, replies: list[Message]) -> ArrayRecord | None:
+        """Sample-weighted average of the replies' arrays (Flower's ``aggregate_arrayrecords``); None = keep."""
+        return aggregate_arrayrecords([r.content for r in replies], NUM_EXAMPLES) if replies else None
+
+    def after_aggregate(self, server_round: int, arrays: ArrayRecord, replies: list[Message]) -> ArrayRecord:
+        return arrays
+
+    def generic_predictors(self, model: torch.nn.Module) -> dict[str, Predictor]:
+        model.eval()
+        return {"model": model}
+
+    def server_state(self) -> dict:
+        return {}
+
+    def load_server_state(self, state: dict) -> None:
+        pass
+
+    # -------------------------------------------------------------------------- used by the core
+    def is_shared(self, key: str) -> bool:
+        """The client side's rule (:meth:`ClientAlgorithm.is_shared`): what the global arrays hold."""
+        return self.client_cls.is_shared(key)
+
+    def initial_arrays(self, model: torch.nn.Module) -> ArrayRecord:
+        """Build the frozen arrays (kept in ``self.frozen``) and return the first shared arrays."""
+        self.frozen = self.frozen_arrays(model)
+        return ArrayRecord({k: v.detach().clone() for k, v in model.state_dict().items()
+                            if self.client_cls.is_shared(k)})
+
+    @staticmethod
+    def merge(old: ArrayRecord, new: ArrayRecord | None) -> ArrayRecord:
+        """Aggregated keys replace the old ones; keys no client returned keep their value; dtypes are kept
+        (an average turns integer buffers such as BatchNorm's counter into floats)."""
+        if new is None:
+            return old
+        out = {}
+        for k, a in old.items():
+            if k in new:
+                v = new[k].numpy()
+                out[k] = Array(np.asarray(np.round(v) if np.issubdtype(a.numpy().dtype, np.integer) else v,
+                                          dtype=a.numpy().dtype))
+            else:
+                out[k] = a
+        return ArrayRecord(out)
+
+    def personalized_metrics(self, replies: list[Message], mask_default: bool) -> tuple[dict, dict]:
+        """Per-client records -> personalized metrics for every predictor, masked and unmasked (mean over ALL
+        responding clients, unweighted, plus spread; see fedlt.eval.personalized). Returns (scalars, detail)."""
+        records = [dict(next(iter(r.content.metric_records.values()))) for r in replies]
+        return personalized_metrics(records, mask_default)
+
+    def generic_metrics(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int,
+                        batch_size: int, evaluation: GenericEvaluation | None = None) -> tuple[dict, dict]:
+        """Every generic predictor on the balanced test set (see fedlt.eval.generic)."""
+        evaluation = evaluation or GenericEvaluation(y, num_classes)
+        predictors = self.generic_predictors(model)
+
+        def logits():
+            for name, fn in predictors.items():
+                with torch.no_grad():
+                    yield name, predict_logits(fn, x, batch_size)
+
+        return evaluation.evaluate(logits(), several=len(predictors) > 1)

@@ -1,0 +1,237 @@
+"""The round loop: sample, send, collect, aggregate, evaluate, log, checkpoint -- the same for every algorithm
+and every transport. It talks to clients through a Flower ``Grid`` (Ray simulation, Flower's Deployment Engine,
+or :class:`fedlt.core.inprocess.InProcessGrid`) with Flower ``Message`` objects, and to the algorithm through the
+hooks of :class:`fedlt.api.server.ServerAlgorithm`.
+
+One round: the strategy samples clients by client id (seeded, independent of node ids); each gets the global
+arrays (plus the frozen arrays the first time, plus its own server-held state, :mod:`fedlt.core.client_state`);
+replies with errors or non-finite arrays are rejected and logged; the rest are aggregated in client-id order (a
+fixed summation order makes the average bitwise reproducible). On evaluation rounds the global model is scored
+on the balanced test set here, and EVERY client scores its personalized predictors on its local test set.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from fedlt.api.server import NUM_EXAMPLES, ServerAlgorithm
+from fedlt.core.checkpoint import Checkpointer, RunState, rng_state, seed_round, set_rng_state
+from fedlt.core.client_state import ClientStateStore
+from fedlt.core.client_step import COHORT
+from fedlt.core.cohort import cohorts
+from fedlt.core.failures import check_actors_alive, describe, is_backend_failure
+from fedlt.core.model import build_run_model
+from fedlt.data.federated import DataPlan, global_test
+from fedlt.eval.generic import GenericEvaluation
+from fedlt.runlog import RunLogger, json_safe
+from fedlt.seeding import INIT, derive_seed
+
+log = logging.getLogger("fedlt")
+
+
+@dataclass
+class RunOutcome:
+    """Filled in by the round loop (in the ServerApp's thread); read by the driver afterwards."""
+
+    rows: list[dict] = field(default_factory=list)
+    final_arrays: ArrayRecord | None = None
+    detail: dict = field(default_factory=dict)
+    failures: list[dict] = field(default_factory=list)
+    strategy: ServerAlgorithm | None = None
+    error: BaseException | None = None
+    finished: bool = False
+    last_round: int = 0  # the last completed round (a stopped run ends before num_rounds)
+
+
+def is_eval_round(rnd: int, cfg: dict) -> bool:
+    every = int(cfg["eval"]["every"])
+    return rnd == int(cfg["num_rounds"]) or (every > 0 and rnd % every == 0)
+
+
+def client_of(reply: Message) -> int:
+    return int(next(iter(reply.content.metric_records.values()))["client-id"])
+
+
+class Dispatch:
+    """Client ids <-> node ids, and the messages of one round: frozen arrays go to a client once, every client's
+    server-held state travels with its messages, and with client batching a train message stands for a group."""
+
+    def __init__(self, strategy: ServerAlgorithm, cfg: dict, actors: int = 1, hold_client_state: bool = True):
+        self.strategy, self.cfg, self.actors = strategy, cfg, actors
+        self.hold_client_state = hold_client_state  # False: clients keep their state in their own context
+        self.node_of_client: dict[int, int] = {}
+        self.client_of_node: dict[int, int] = {}
+        self.has_frozen: set[int] = set()
+        self.client_states = ClientStateStore()
+
+    def discover(self, grid: Grid, timeout: float) -> None:
+        """Ask every node once for its client id (partition-id), so sampling can be by client id."""
+        n = int(self.cfg["num_clients"])
+        deadline = time.monotonic() + timeout
+        while len(node_ids := list(grid.get_node_ids())) < n:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {len(node_ids)} of {n} client nodes connected within {timeout:.0f} s")
+            time.sleep(0.2)
+        msgs = [Message(content=RecordDict({"config": ConfigRecord({"query": "client-id"})}), dst_node_id=nid,
+                        message_type=MessageType.QUERY) for nid in node_ids]
+        for reply in grid.send_and_receive(msgs, timeout=timeout):
+            if reply.has_error():
+                raise RuntimeError(f"client node {reply.metadata.src_node_id} failed to start: {reply.error.reason}")
+            self.node_of_client[client_of(reply)] = reply.metadata.src_node_id
+        missing = sorted(set(range(n)) - set(self.node_of_client))
+        if missing:
+            raise RuntimeError(f"no node answered for clients {missing[:10]}")
+        self.client_of_node = {node: cid for cid, node in self.node_of_client.items()}
+
+    def message(self, client: int, arrays: ArrayRecord, config: dict, kind: str) -> Message:
+        content = RecordDict({"arrays": arrays, "config": ConfigRecord(config)})
+        frozen = self.strategy.frozen
+        if frozen and client not in self.has_frozen:
+            content["frozen"] = ArrayRecord(frozen)
+            self.has_frozen.add(client)
+        msg = Message(content=content, dst_node_id=self.node_of_client[client], message_type=kind)
+        return self.client_states.attach(msg, client) if self.hold_client_state else msg
+
+    def train_messages(self, rnd: int, arrays: ArrayRecord) -> list[Message]:
+        config = {"server-round": rnd, **self.strategy.train_config(rnd)}
+        clients = self.strategy.sample_clients(rnd)
+        if not self.cfg["backend"].get("client_batching"):
+            return [self.message(c, arrays, config, MessageType.TRAIN) for c in clients]
+        out = []
+        for group in cohorts(clients, self.cfg, self.actors):
+            content = RecordDict({"arrays": arrays, "config": ConfigRecord({**config, "cohort": list(group)})})
+            if self.strategy.frozen:
+                content["frozen"] = ArrayRecord(self.strategy.frozen)
+            out.append(Message(content=content, dst_node_id=self.node_of_client[group[0]],
+                               message_type=f"{MessageType.TRAIN}.{COHORT}"))
+        return out
+
+    def evaluate_messages(self, rnd: int, arrays: ArrayRecord) -> list[Message]:
+        return [self.message(c, arrays, {"server-round": rnd}, MessageType.EVALUATE)
+                for c in sorted(self.node_of_client)]
+
+    def split_replies(self, sent: list[Message], replies: Iterable[Message],
+                      timeout: float) -> tuple[list[Message], list[dict]]:
+        """Keep replies without errors and with finite arrays, sorted by client id; return the rest, and the
+        clients that did not answer within the timeout, as failure records."""
+        ok, failures, answered = [], [], set()
+        for r in replies:
+            answered.add(r.metadata.src_node_id)
+            cid = self.client_of_node.get(r.metadata.src_node_id, -1)
+            if r.has_error():
+                failures.append({"client": cid, "reason": describe(str(r.error.reason))})
+                continue
+            bad = [k for rec in r.content.array_records.values() for k, a in rec.items()
+                   if np.issubdtype(a.numpy().dtype, np.floating) and not np.isfinite(a.numpy()).all()]
+            if bad:
+                failures.append({"client": cid, "reason": f"non-finite update in {bad[:3]} (rejected)"})
+                continue
+            ok.append(r)
+        failures += [{"client": self.client_of_node.get(m.metadata.dst_node_id, -1),
+                      "reason": f"no reply within backend.round_timeout_s={timeout:g} s"}
+                     for m in sent if m.metadata.dst_node_id not in answered]
+        ok.sort(key=client_of)
+        return ok, failures
+
+
+def run_rounds(strategy: ServerAlgorithm, grid: Grid, cfg: dict, plan: DataPlan, logger: RunLogger,
+               outcome: RunOutcome, checkpointer: Checkpointer | None = None, actors: int = 1) -> None:
+    """Run rounds until ``num_rounds`` (or a stop request). With a checkpointer: start after its
+    ``resume_from`` state, save every ``checkpoint.every`` rounds, stop after the current round when a stop
+    (SIGINT/SIGTERM) was requested. ``actors``: how many clients can train at once (client batching's groups)."""
+    ckpt = checkpointer or Checkpointer(cfg, None)
+    timeout = float(cfg["backend"]["round_timeout_s"])
+    seed = int(cfg["seed"])
+    torch.manual_seed(derive_seed(seed, INIT))
+    model = build_run_model(cfg, plan, strategy.client_cls)
+    arrays = strategy.initial_arrays(model)
+    dispatch = Dispatch(strategy, cfg, actors)
+    start, elapsed_before = 0, 0.0
+    if (state := ckpt.resume_from) is not None:
+        start, elapsed_before = state.round, state.elapsed_s
+        arrays = ArrayRecord(state.arrays)
+        dispatch.client_states.load_state_dict(state.clients)
+        strategy.load_server_state(state.server_state)
+        outcome.rows, outcome.failures, outcome.detail = list(state.rows), list(state.failures), dict(state.detail)
+        set_rng_state(state.rng)
+    test_x, test_y = global_test(plan)
+    generic_eval = GenericEvaluation.for_run(cfg, plan, test_y)
+    startup_timeout = float(cfg["backend"].get("startup_timeout_s") or timeout)
+    dispatch.discover(grid, startup_timeout)
+    min_clients = int(cfg["backend"].get("min_clients_per_round", 1))
+    t_run = time.monotonic()
+    outcome.last_round = start
+
+    def exchange(rnd: int, phase: str, sent: list[Message]) -> list[Message]:
+        ok, failures = dispatch.split_replies(sent, grid.send_and_receive(sent, timeout=timeout), timeout)
+        for f in failures:
+            f["round"], f["phase"] = rnd, phase
+            log.warning("round %d: client %s failed in %s: %s", rnd, f["client"], phase, f["reason"])
+        outcome.failures.extend(failures)
+        if phase == "train" and not ok and any(is_backend_failure(f) for f in failures):
+            check_actors_alive(grid, list(dispatch.client_of_node), startup_timeout)  # raises if all are dead
+        return ok
+
+    for rnd in range(start + 1, int(cfg["num_rounds"]) + 1):
+        if ckpt.stop_requested():  # before the first round: nothing new to save
+            break
+        seed_round(seed, rnd)
+        t0 = time.monotonic()
+        failures_before = len(outcome.failures)
+        sent_arrays = arrays
+        ok = exchange(rnd, "train", dispatch.train_messages(rnd, arrays))
+        dispatch.client_states.collect(ok, client_of)
+        row: dict = {"round": rnd}
+        if len(ok) >= min_clients:
+            arrays = strategy.after_aggregate(rnd, strategy.merge(arrays, strategy.aggregate(rnd, sent_arrays, ok)),
+                                              ok)
+        else:
+            log.warning("round %d: %d usable updates < backend.min_clients_per_round=%d; global model unchanged",
+                        rnd, len(ok), min_clients)
+        metrics = [next(iter(r.content.metric_records.values())) for r in ok]
+        if metrics:
+            n = sum(float(m[NUM_EXAMPLES]) for m in metrics)
+            row["train/loss"] = sum(float(m["train/loss"]) * float(m[NUM_EXAMPLES]) for m in metrics) / n
+        row["train/clients"] = sum(int(m.get("num-clients", 1)) for m in metrics)  # a cohort reply counts its clients
+        row["train/failures"] = len(outcome.failures) - failures_before
+        logger.train_round(rnd, {k: v for k, v in row.items() if k != "round"} | {"time/train_s": time.monotonic() - t0})
+        if is_eval_round(rnd, cfg):
+            model.load_state_dict(arrays.to_torch_state_dict(), strict=False)
+            if strategy.frozen:
+                model.load_state_dict(strategy.frozen, strict=False)
+            gen, gen_detail = strategy.generic_metrics(model, test_x, test_y, plan.num_classes,
+                                                       int(cfg["eval"]["batch_size"]), generic_eval)
+            row.update(gen)
+            ev_ok = exchange(rnd, "evaluate", dispatch.evaluate_messages(rnd, arrays))
+            pers, pers_detail = strategy.personalized_metrics(ev_ok, bool(cfg["eval"]["mask_absent_classes"]))
+            row.update(pers)
+            row["eval/clients"] = len(ev_ok)
+            last_row = outcome.rows[-1]["round"] if outcome.rows else 0
+            since_last_row = [f for f in outcome.failures if f["round"] > last_row]
+            if since_last_row:
+                row["failures"] = since_last_row
+            row["time/round_s"] = time.monotonic() - t0
+            row["time/elapsed_s"] = elapsed_before + time.monotonic() - t_run
+            outcome.detail = {"generic": gen_detail, "personalized": pers_detail, "round": rnd}
+            row = json_safe(row)  # NaN (e.g. an empty shot group) -> None, as in metrics.jsonl
+            logger.eval_round(row, outcome.detail)
+            outcome.rows.append(row)
+        stopping = ckpt.stop_requested()
+        if ckpt.due(rnd) or stopping:
+            ckpt.save(RunState(round=rnd, arrays=arrays.to_torch_state_dict(),
+                               clients=dispatch.client_states.state_dict(), server_state=strategy.server_state(),
+                               rows=outcome.rows, failures=outcome.failures, detail=outcome.detail,
+                               elapsed_s=elapsed_before + time.monotonic() - t_run, rng=rng_state()))
+        outcome.last_round = rnd
+        if stopping:
+            break
+    outcome.final_arrays = arrays
+    outcome.finished = outcome.last_round == int(cfg["num_rounds"])

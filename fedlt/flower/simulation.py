@@ -1,0 +1,80 @@
+"""The Flower simulation on Ray: start Ray (``fedlt.flower.ray_backend``), run fedlt's ServerApp/ClientApp pair
+with ``flwr.simulation.run_simulation`` over prepared data, shut Ray down. The run's life cycle around it (the
+run folder, data preparation, resume, results) is ``fedlt.experiment``'s."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+from fedlt.core.checkpoint import Checkpointer, RunState
+from fedlt.core.rounds import RunOutcome
+from fedlt.data.federated import DataPlan
+from fedlt.runlog import RunLogger
+
+log = logging.getLogger("fedlt")
+
+
+class _DropDeprecation(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "DEPRECATED" not in record.getMessage() and "deprecated" not in record.getMessage()
+
+
+def quiet_flower(level: str = "WARNING") -> None:
+    """No duplicated Flower lines under Hydra, no alembic/deprecation noise (flower-notes.md pitfalls 7, 9)."""
+    flwr_logger = logging.getLogger("flwr")
+    flwr_logger.propagate = False
+    flwr_logger.setLevel(level)
+    for h in flwr_logger.handlers:
+        h.addFilter(_DropDeprecation())
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def backend_config(cfg: dict) -> dict:
+    from fedlt.flower.ray_backend import client_resources
+
+    b = cfg["backend"]
+    init_args = {"include_dashboard": False, "logging_level": "ERROR", "log_to_driver": bool(b["log_to_driver"])}
+    if b.get("address"):
+        init_args["address"] = b["address"]  # attach: Ray refuses num_cpus/num_gpus together with an address
+    else:
+        if b.get("num_cpus"):
+            init_args["num_cpus"] = int(b["num_cpus"])
+        if b.get("num_gpus") is not None:
+            init_args["num_gpus"] = float(b["num_gpus"])
+    init_args.update(dict(b.get("init_args") or {}))
+    return {"client_resources": client_resources(cfg), "init_args": init_args}
+
+
+def simulate(cfg: dict, plan: DataPlan, run_dir: Path, state: RunState | None, stop: threading.Event,
+             after_ray_start=None) -> RunOutcome:
+    """Run the rounds after ``state`` (None: from the start) on Ray; return the outcome. ``after_ray_start`` is
+    called once Ray is up (``ray.init`` replaces the SIGTERM handler: the caller re-installs its own)."""
+    from flwr.simulation import run_simulation
+
+    from fedlt.flower.client_app import make_client_app
+    from fedlt.flower.engine import tune_flower
+    from fedlt.flower.ray_backend import shutdown_ray, start_ray
+    from fedlt.flower.server_app import make_server_app
+
+    quiet_flower(cfg.get("log_level", "WARNING"))
+    start_ray(cfg, backend_config(cfg)["init_args"])  # BackendError within seconds instead of a hang
+    if after_ray_start is not None:
+        after_ray_start()
+    start_round = state.round if state is not None else 0
+    outcome = RunOutcome()
+    ckpt = Checkpointer(cfg, run_dir, resume_from=state, stop=stop)
+    server = make_server_app(cfg, plan, lambda: RunLogger(run_dir, int(cfg["num_rounds"]), start_round=start_round),
+                             outcome, ckpt)
+    client = make_client_app(cfg, plan)
+    tune_flower()
+    try:
+        run_simulation(server_app=server, client_app=client, num_supernodes=int(cfg["num_clients"]),
+                       backend_name="ray", backend_config=backend_config(cfg), verbose_logging=False)
+    except BaseException as e:
+        if outcome.error is None:
+            outcome.error = e
+    finally:
+        shutdown_ray()
+    return outcome

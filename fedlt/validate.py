@@ -1,0 +1,250 @@
+"""Every check of a run config, in one place, run once before anything is written and before Ray starts.
+
+:func:`validate` takes the resolved Hydra config (a plain dict) and raises :class:`fedlt.config.ConfigError`
+with one paragraph naming the bad value and what is allowed. It calls the checks that the lower layers
+declare (data options: ``fedlt.data.validate``; losses: ``fedlt.train.losses.validate_loss``; each strategy:
+its ``Server.params`` dataclass and optional ``Server.validate_config``); nothing below this module imports
+it. :func:`validate_prepared` runs the checks that need the prepared data (still before Ray starts).
+
+The rule for every option: numbers are finite and in range, booleans are booleans, enumerations are one of
+their values, keys are known, sizes are consistent with the data and the machine."""
+
+from __future__ import annotations
+
+import os
+
+from fedlt.config import (ConfigError, check_bool, check_choice, check_float, check_int, check_params,
+                          clients_per_round, fail, get)
+from fedlt.core.cohort import check_supported
+from fedlt.core.faults import FAULT_MODES, FAULT_PHASES, fault_modes
+from fedlt.data.local_testsets import LOCAL_TESTS
+from fedlt.data.longtail import PROFILES
+from fedlt.data.partition import PARTITIONERS
+from fedlt.data.sources import SOURCES
+from fedlt.data.validate import validate_data
+from fedlt.flower.ray_backend import address_problem
+from fedlt.models import MODELS
+from fedlt.train.losses import validate_loss
+from strategies import STRATEGIES, get_strategy
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# The run config's keys: the top level and its fixed sections (the open groups dataset/partition/model/loss/
+# strategy are checked by their owners). Anything else -- a typo, a `+key=...` -- is refused.
+TOP_LEVEL = ("seed", "num_clients", "num_rounds", "participation", "local_epochs", "batch_size", "optimizer", "eval",
+             "checkpoint", "resume", "fault_injection", "data_root", "cache_dir", "log_level", "dataset",
+             "partition", "model", "strategy", "loss", "backend")
+SECTIONS = {
+    "optimizer": ("lr", "momentum", "weight_decay"),
+    "eval": ("every", "batch_size", "mask_absent_classes", "local_test", "holdout_fraction", "test_agnostic"),
+    "checkpoint": ("every", "keep", "on_signal"),
+    "fault_injection": ("probability", "mode", "phase"),
+    "backend": ("name", "address", "num_cpus", "num_gpus", "num_cpus_per_client", "num_gpus_per_client", "device",
+                "torch_threads", "server_threads", "flush_denormal", "deterministic", "round_timeout_s",
+                "startup_timeout_s", "actor_max_restarts", "actor_task_retries", "min_clients_per_round",
+                "log_to_driver", "init_args", "client_data_cache_mb", "client_batching", "batching_group"),
+}
+MIN_ROUND_TIMEOUT_S = 1.0  # below this every client "times out" before it could start
+
+
+def validate(cfg: dict) -> dict:
+    """Check every value a run uses; return the config (``log_level`` normalised to upper case)."""
+    _known_keys(cfg)
+    check_int(cfg, "seed", 0, 2**32 - 1)
+    check_int(cfg, "num_clients", 1)
+    check_int(cfg, "num_rounds", 1)
+    check_float(cfg, "participation", 0.0, 1.0, lo_open=True)
+    check_int(cfg, "local_epochs", 1)
+    check_int(cfg, "batch_size", 1)
+    check_float(cfg, "optimizer.lr", 0.0, lo_open=True)
+    check_float(cfg, "optimizer.momentum", 0.0, 1.0, hi_open=True)
+    check_float(cfg, "optimizer.weight_decay", 0.0)
+    _log_level(cfg)
+    _eval(cfg)
+    check_choice(cfg, "dataset.source", sorted(SOURCES))
+    check_float(cfg, "dataset.imbalance_factor", 1.0)
+    check_choice(cfg, "dataset.profile", PROFILES)
+    check_choice(cfg, "partition.name", sorted(PARTITIONERS))
+    if "alpha" in cfg["partition"]:
+        check_float(cfg, "partition.alpha", 0.0, lo_open=True)
+    check_int(cfg, "partition.min_samples_per_client", 0)
+    validate_data(cfg)  # the remaining dataset.* / partition.* / holdout options
+    _model(cfg)
+    check_choice(cfg, "strategy.name", sorted(STRATEGIES))
+    validate_loss(cfg)
+    _backend(cfg)
+    _reliability(cfg)
+    server = get_strategy(cfg["strategy"]["name"])
+    if server.params is not None:
+        check_params(cfg, "strategy", server.params)
+    server.validate_config(cfg)  # cross-option rules of the strategy (e.g. FedLoGe needs loss=ce)
+    if cfg["backend"].get("client_batching"):
+        check_supported(cfg, server)
+    return cfg
+
+
+def validate_prepared(cfg: dict, train_size: int, num_classes: int | None = None) -> None:
+    """Checks that need the data (after the long-tail profile or the split is known, before Ray starts): every
+    client needs a training sample on average; the strategy's data-dependent rule (e.g. FedLoGe's d >= K)."""
+    n = int(cfg["num_clients"])
+    if n > train_size:
+        raise ConfigError(
+            f"invalid value num_clients={n}: the long-tailed training set of dataset={cfg['dataset']['name']} "
+            f"(imbalance_factor={cfg['dataset']['imbalance_factor']}) has only {train_size} samples, so at most "
+            f"{train_size} clients are possible; lower num_clients or the imbalance factor.")
+    if num_classes is not None:
+        get_strategy(cfg["strategy"]["name"]).validate_data(cfg, num_classes)
+
+
+# ------------------------------------------------------------------------------------------ sections
+def _known_keys(cfg: dict) -> None:
+    unknown = sorted(set(cfg) - set(TOP_LEVEL))
+    if unknown:
+        raise ConfigError(f"unknown option {unknown[0]}={cfg[unknown[0]]!r}: fedlt has no such setting (a typo, or "
+                          f"a `+key=...` override?); the top-level options are {', '.join(TOP_LEVEL)}.")
+    for section, keys in SECTIONS.items():
+        node = cfg.get(section)
+        if node is None:
+            continue
+        if not isinstance(node, dict):
+            fail(section, node, f"expected a section with the options {', '.join(keys)}")
+        extra = sorted(set(node) - set(keys))
+        if extra:
+            raise ConfigError(f"unknown option {section}.{extra[0]}={node[extra[0]]!r}: the options of {section} "
+                              f"are {', '.join(keys)}.")
+
+
+def _log_level(cfg: dict) -> None:
+    level = cfg.get("log_level", "WARNING")
+    if not isinstance(level, str) or level.upper() not in LOG_LEVELS:
+        fail("log_level", level, f"allowed values are {', '.join(LOG_LEVELS)} (any case)")
+    cfg["log_level"] = level.upper()
+
+
+def _eval(cfg: dict) -> None:
+    check_int(cfg, "eval.every", 0)
+    check_int(cfg, "eval.batch_size", 1)
+    check_bool(cfg, "eval.mask_absent_classes")
+    check_choice(cfg, "eval.local_test", LOCAL_TESTS)
+    if "test_agnostic" in cfg["eval"]:
+        check_bool(cfg, "eval.test_agnostic.enabled")
+        ifs = get(cfg, "eval.test_agnostic.imbalance_factors")
+        if not isinstance(ifs, list) or not all(isinstance(f, int | float) and not isinstance(f, bool) and f >= 1
+                                                for f in ifs):
+            fail("eval.test_agnostic.imbalance_factors", ifs, "expected a list of numbers >= 1, e.g. [10, 50]")
+
+
+def _model(cfg: dict) -> None:
+    check_choice(cfg, "model.name", MODELS)
+    m = cfg["model"]
+    for key in ("width", "feature_dim"):
+        if key in m:
+            check_int(cfg, f"model.{key}", 1)
+    widths = m.get("widths")
+    if widths is not None and (not isinstance(widths, list) or not widths or not all(
+            isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in widths)):
+        fail("model.widths", widths, "expected null (the standard widths) or a list of integers >= 1, one per stage")
+
+
+def _backend(cfg: dict) -> None:
+    b = cfg["backend"]
+    check_float(cfg, "backend.num_cpus_per_client", 0.0, lo_open=True)
+    check_float(cfg, "backend.num_gpus_per_client", 0.0)
+    check_int(cfg, "backend.torch_threads", 1)
+    if "server_threads" in b:
+        check_int(cfg, "backend.server_threads", 1)
+    check_float(cfg, "backend.round_timeout_s", MIN_ROUND_TIMEOUT_S)
+    check_int(cfg, "backend.min_clients_per_round", 1)
+    for key in ("flush_denormal", "deterministic", "log_to_driver", "client_batching"):
+        if key in b:
+            check_bool(cfg, f"backend.{key}")
+    if b.get("startup_timeout_s") is not None:
+        check_float(cfg, "backend.startup_timeout_s", MIN_ROUND_TIMEOUT_S)
+    for key in ("actor_max_restarts", "actor_task_retries"):
+        if b.get(key) is not None:
+            check_int(cfg, f"backend.{key}", -1)
+    if b.get("num_cpus") is not None:
+        check_int(cfg, "backend.num_cpus", 1)
+    if b.get("num_gpus") is not None:
+        check_float(cfg, "backend.num_gpus", 0.0)
+    if "client_data_cache_mb" in b:
+        check_float(cfg, "backend.client_data_cache_mb", 0.0)
+    if "batching_group" in b:
+        check_int(cfg, "backend.batching_group", 0)
+    device = str(b.get("device", "auto"))
+    if device not in ("auto", "cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
+        fail("backend.device", b.get("device"), "allowed values are auto, cpu, cuda, cuda:N")
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            fail("backend.device", device, "this machine has no CUDA device (torch.cuda.is_available() is false); "
+                                           "use auto or cpu")
+        if ":" in device and int(device[5:]) >= torch.cuda.device_count():
+            fail("backend.device", device, f"this machine has {torch.cuda.device_count()} CUDA devices")
+    problem = address_problem(b.get("address"))
+    if problem:
+        fail("backend.address", b["address"], problem)
+    init_args = b.get("init_args") or {}
+    if not isinstance(init_args, dict):
+        fail("backend.init_args", init_args, "expected a mapping of ray.init keyword arguments")
+    address = b.get("address") or init_args.get("address")
+    if address:
+        given = [k for k in ("num_cpus", "num_gpus") if b.get(k) is not None]
+        given += [f"init_args.{k}" for k in ("num_cpus", "num_gpus", "resources", "object_store_memory")
+                  if k in init_args]
+        if given:
+            value = get(b, given[0])
+            raise ConfigError(
+                f"invalid value backend.{given[0]}={value!r} together with backend.address={address!r}: a Ray "
+                f"cluster's resources are fixed when it is started (`ray start --num-cpus ... --num-gpus ...`), and "
+                f"Ray refuses them when attaching; leave backend.{given[0]} null and set per-client resources with "
+                f"backend.num_cpus_per_client / backend.num_gpus_per_client.")
+        return
+    machine = os.cpu_count() or 1
+    if b.get("num_cpus") is not None and int(b["num_cpus"]) > machine:
+        fail("backend.num_cpus", b["num_cpus"], f"this machine has {machine} CPUs; Ray would start up to "
+             f"{int(b['num_cpus'] / float(b['num_cpus_per_client']))} client actors on them, each holding a model and "
+             f"its data (hundreds of MB): use at most {machine}, or null for all")
+    cpus = int(b.get("num_cpus") or machine)
+    if float(b["num_cpus_per_client"]) > cpus:
+        raise ConfigError(
+            f"invalid value backend.num_cpus_per_client={b['num_cpus_per_client']!r}: Ray will have {cpus} CPUs "
+            f"(backend.num_cpus={b.get('num_cpus')!r}), so no client actor would ever start; use at most {cpus}.")
+    if float(b["num_gpus_per_client"]) > 0:
+        import torch
+
+        gpus = b.get("num_gpus")
+        gpus = float(torch.cuda.device_count() if gpus is None else gpus)
+        if gpus < float(b["num_gpus_per_client"]):
+            raise ConfigError(
+                f"invalid value backend.num_gpus_per_client={b['num_gpus_per_client']!r}: Ray will have {gpus:g} "
+                f"GPUs, so no client actor would ever start; use 0 on a machine without a GPU.")
+
+
+def _reliability(cfg: dict) -> None:
+    if "checkpoint" in cfg:
+        check_int(cfg, "checkpoint.every", 0)
+        check_int(cfg, "checkpoint.keep", 0)
+        check_bool(cfg, "checkpoint.on_signal")
+    if cfg.get("resume") is not None and not isinstance(cfg["resume"], str):
+        fail("resume", cfg["resume"], "expected the path of a run directory")
+    fi = cfg.get("fault_injection") or {}
+    if fi:
+        check_float(cfg, "fault_injection.probability", 0.0, 1.0)
+    if "phase" in fi:
+        check_choice(cfg, "fault_injection.phase", FAULT_PHASES)
+    if "mode" in fi:
+        modes = fault_modes(fi)
+        if not modes or any(m not in FAULT_MODES for m in modes):
+            fail("fault_injection.mode", fi["mode"], f"allowed values are {', '.join(FAULT_MODES)} or a list")
+        if modes == ["nan"] and fi.get("phase", "train") != "train":
+            fail("fault_injection.phase", fi["phase"], "fault_injection.mode=nan poisons a training update, so the "
+                                                       "phase must be train")
+    sampled = clients_per_round(cfg["num_clients"], cfg["participation"])
+    if int(cfg["backend"]["min_clients_per_round"]) > sampled:
+        raise ConfigError(
+            f"invalid combination backend.min_clients_per_round={cfg['backend']['min_clients_per_round']} with "
+            f"participation={cfg['participation']} and num_clients={cfg['num_clients']}: only {sampled} clients are "
+            f"sampled per round, so the global model would never change; lower min_clients_per_round to at most "
+            f"{sampled}.")
+
