@@ -2,7 +2,9 @@
 
 import os as _os
 
-# Quiet, offline-friendly defaults for Flower and Ray, set before either is imported (flower-notes.md §7).
+# Quiet, offline-friendly defaults for Flower and Ray, set before either is imported: no telemetry, update check or
+# usage stats, no run-time dependency installation by `flwr run` (it would otherwise `uv sync` the project's
+# dependencies), no Ray accelerator-env FutureWarning, no Hugging Face hub access.
 for _k, _v in {
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",

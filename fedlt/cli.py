@@ -43,8 +43,7 @@ def _given_run_dir() -> Path | None:
     return None
 
 
-_GIVEN = _given_run_dir()
-_GIVEN_EXISTED = _GIVEN is not None and _GIVEN.exists()
+_GIVEN: list = [None, False]  # (the hydra.run.dir of this invocation, whether it existed before Hydra made it)
 
 
 class _HeldStderr:
@@ -80,6 +79,8 @@ _STDERR = _HeldStderr()
 
 def main() -> None:
     """The ``fedlt`` console script."""
+    given = _given_run_dir()
+    _GIVEN[:] = [given, given is not None and given.exists()]
     _STDERR.hold()
     try:
         hydra_main()
@@ -106,7 +107,7 @@ def hydra_main(cfg: DictConfig) -> None:
 
     sys.stderr.write(_STDERR.release())
     run_dir = Path(HydraConfig.get().runtime.output_dir).resolve()
-    existed = _GIVEN_EXISTED if run_dir == _GIVEN else False
+    existed = _GIVEN[1] if run_dir == _GIVEN[0] else False
     errors = user_errors()
     resume = cfg.get("resume")
 

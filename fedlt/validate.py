@@ -23,9 +23,10 @@ from fedlt.data.partition import PARTITIONERS
 from fedlt.data.sources import SOURCES
 from fedlt.data.validate import validate_data
 from fedlt.flower.ray_backend import address_problem
-from fedlt.models import MODELS
+from fedlt.models import HEADS, MODELS
 from fedlt.train.losses import validate_loss
-from strategies import STRATEGIES, get_strategy
+import strategies
+from strategies import get_strategy
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # The run config's keys: the top level and its fixed sections (the open groups dataset/partition/model/loss/
@@ -69,13 +70,12 @@ def validate(cfg: dict) -> dict:
     check_int(cfg, "partition.min_samples_per_client", 0)
     validate_data(cfg)  # the remaining dataset.* / partition.* / holdout options
     _model(cfg)
-    check_choice(cfg, "strategy.name", sorted(STRATEGIES))
+    check_choice(cfg, "strategy.name", sorted(strategies.STRATEGIES))  # read now: tests may register more
     validate_loss(cfg)
     _backend(cfg)
     _reliability(cfg)
     server = get_strategy(cfg["strategy"]["name"])
-    if server.params is not None:
-        check_params(cfg, "strategy", server.params)
+    check_params(cfg, "strategy", server.params)
     server.validate_config(cfg)  # cross-option rules of the strategy (e.g. FedLoGe needs loss=ce)
     if cfg["backend"].get("client_batching"):
         check_supported(cfg, server)
@@ -136,6 +136,8 @@ def _eval(cfg: dict) -> None:
 def _model(cfg: dict) -> None:
     check_choice(cfg, "model.name", MODELS)
     m = cfg["model"]
+    if "head" in m:
+        check_choice(cfg, "model.head", HEADS)
     for key in ("width", "feature_dim"):
         if key in m:
             check_int(cfg, f"model.{key}", 1)

@@ -1,4 +1,4 @@
-"""CReFF (Shang et al., IJCAI 2022; the official code's procedure, fedloge-protocol.md §10.4).
+"""CReFF (Shang et al., IJCAI 2022; the procedure of the official code, github.com/shangxinyi/CReFF-FL).
 
 * Clients train body + head with ordinary FedAvg. Before that, from the global model they received, each client
   computes per-class gradients of a separate classifier ``creff_head`` (the server's re-trained classifier,
@@ -42,6 +42,7 @@ from fedlt.data.augment import random_crop_flip
 from fedlt.api.client import ClientAlgorithm, ClientContext
 from fedlt.api.server import ServerAlgorithm
 from fedlt.seeding import derive_seed
+from strategies._common import require_linear_head
 
 GRAD = "creff.grad."  # reserved upload keys: weight (K, K, d), bias (K, K), present (K,)
 HEAD = "creff_head."
@@ -121,6 +122,11 @@ class Params:
 class Server(ServerAlgorithm):
     client_cls = CReFFClient
     params = Params
+
+    @staticmethod
+    def validate_config(cfg: dict) -> None:
+        require_linear_head(cfg, "CReFF's gradients and re-trained classifier are those of a linear head (weight "
+                                 "and bias)")
 
     def __init__(self, cfg: dict):
         super().__init__(cfg)

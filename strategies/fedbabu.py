@@ -25,12 +25,13 @@ Deviations:
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 from torch import nn
 
 from fedlt.api.client import ClientAlgorithm, ClientContext
 from fedlt.api.server import ServerAlgorithm
-from fedlt.config import check_choice, check_float, check_int
+from fedlt.config import param
 from fedlt.train.local import run_local_epochs, sgd, supervised_step
 
 
@@ -63,12 +64,18 @@ class FedBABUClient(ClientAlgorithm):
         return {"finetuned": tuned, "global": ctx.model}
 
 
+@dataclass(frozen=True)
+class Params:
+    finetune_epochs: int = param(5, "local fine-tuning epochs before each personalized evaluation (official 5); "
+                                    "0 = none", lo=0)
+    finetune_part: str = param("full", "full = body and head (the paper's main setting), head = the head only",
+                               choices=("full", "head"))
+    finetune_lr: float = param(0.001, "SGD lr of the fine-tuning (official 1e-3; independent of optimizer.lr)",
+                               lo=0.0, lo_open=True)
+    finetune_momentum: float = param(0.9, "SGD momentum of the fine-tuning (official 0.9; no weight decay)",
+                                     lo=0.0, hi=1.0, hi_open=True)
+
+
 class Server(ServerAlgorithm):
     client_cls = FedBABUClient
-
-    @staticmethod
-    def validate_config(cfg: dict) -> None:
-        check_int(cfg, "strategy.finetune_epochs", 0)
-        check_choice(cfg, "strategy.finetune_part", ("full", "head"))
-        check_float(cfg, "strategy.finetune_lr", 0.0, lo_open=True)
-        check_float(cfg, "strategy.finetune_momentum", 0.0, 1.0, hi_open=True)
+    params = Params

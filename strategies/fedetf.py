@@ -44,20 +44,20 @@ Deviations:
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedlt.config import ConfigError, check_float, check_int
+from fedlt.config import param
 from fedlt.api.client import ClientAlgorithm, ClientContext
 from fedlt.api.server import ServerAlgorithm
-from fedlt.models import head_name
 from fedlt.seeding import INIT, derive_seed
 from fedlt.train.local import run_local_epochs, sgd, supervised_step
 from fedlt.train.losses import balanced_softmax
-from strategies._common import require_ce
+from strategies._common import require_ce, require_linear_head
 
 ETF_STREAM = 1  # sub-stream of INIT that draws the ETF's random rotation
 
@@ -147,21 +147,25 @@ class FedETFClient(ClientAlgorithm):
         return {"finetuned": tuned.eval(), "global": ctx.model}
 
 
+@dataclass(frozen=True)
+class Params:
+    extra_epochs: int | None = param(None, "epochs of the extra balanced-softmax local round before fine-tuning; "
+                                           "null = local_epochs (official E); 0 = skip it", lo=0)
+    finetune_cycles: int = param(1, "alternating fine-tuning cycles before each local test (official 20); 0 = none",
+                                 lo=0)
+    proto_epochs: int = param(1, "epochs on the ETF prototypes per cycle (official 3)", lo=0)
+    proj_epochs: int = param(1, "epochs on the projection per cycle (official 3)", lo=0)
+    proto_lr: float = param(0.1, "SGD lr for the prototypes (official; no momentum)", lo=0.0, lo_open=True)
+    proj_lr: float = param(0.05, "SGD lr for the projection (official; with the run's momentum and weight decay)",
+                           lo=0.0, lo_open=True)
+
+
 class Server(ServerAlgorithm):
     client_cls = FedETFClient
+    params = Params
 
     @staticmethod
     def validate_config(cfg: dict) -> None:
         require_ce(cfg, "FedETF trains with balanced softmax on local counts")
-        for key in ("finetune_cycles", "proto_epochs", "proj_epochs"):
-            check_int(cfg, f"strategy.{key}", 0)
-        if cfg["strategy"].get("extra_epochs") is not None:
-            check_int(cfg, "strategy.extra_epochs", 0)
-        check_float(cfg, "strategy.proto_lr", 0.0, lo_open=True)
-        check_float(cfg, "strategy.proj_lr", 0.0, lo_open=True)
-        head = head_name(cfg.get("model"))
-        if head != "linear":
-            raise ConfigError(
-                f"invalid combination strategy=fedetf with model.head={head}: FedETF replaces the configured head "
-                f"by its own classifier (projection, L2 normalisation and the fixed simplex ETF), so model.head "
-                f"would be ignored; leave model.head=linear (the default).")
+        require_linear_head(cfg, "FedETF replaces the configured head by its own classifier (projection, L2 "
+                                 "normalisation and the fixed simplex ETF)")

@@ -29,13 +29,14 @@ softmax weight of about e^-100 -- the same exclusion up to float rounding."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 
 from fedlt.api.client import ClientAlgorithm, ClientContext
 from fedlt.api.server import ServerAlgorithm
-from fedlt.config import check_choice, check_float
+from fedlt.config import param
 from fedlt.data.federated import FederatedSplit
 from fedlt.train.losses import logit_calibration
 from strategies._common import require_ce
@@ -57,11 +58,17 @@ class FedLCClient(ClientAlgorithm):
         return logit_calibration(counts, tau=float(s["tau"]))
 
 
+@dataclass(frozen=True)
+class Params:
+    tau: float = param(1.0, "calibration strength (FL-bench / PFLlib default 1.0)", lo=0.0)
+    counts: str = param("local", "n_c: local = the client's own counts (the paper, FL-bench); global = counts "
+                                 "summed over all clients (PFLlib), read from the split", choices=COUNTS)
+
+
 class Server(ServerAlgorithm):
     client_cls = FedLCClient
+    params = Params
 
     @staticmethod
     def validate_config(cfg: dict) -> None:
-        check_float(cfg, "strategy.tau", 0.0)
-        check_choice(cfg, "strategy.counts", COUNTS)
         require_ce(cfg, "FedLC is defined by its calibrated loss")

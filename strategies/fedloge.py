@@ -1,7 +1,9 @@
 """FedLoGe (Xiao et al., ICLR 2024): joint local and generic federated learning under long-tailed data.
 
-Written from ``fedloge-protocol.md`` §1-§4 (not from the official code). The model is one backbone with three
-linear heads on its features h (post-ReLU, not normalised):
+Written from the paper (arXiv 2401.08977: SSE-C objective Eq. 4, GA-FR Eq. 6, LA-FR Eq. 7, Fig. 2) and the
+procedure and defaults of the official code (github.com/ZackZikaiXiao/FedLoGe at f4cac52: ``util/etf_methods.py``,
+``fedloge.py``, ``realignment.py``); not a port of that code. The model is one backbone with three linear heads on
+its features h (post-ReLU, not normalised):
 
 * ``sse_c`` -- the **Static Sparse ETF Classifier** psi_SSE-C: a simplex ETF (d x K) with a fixed 60 %-zero
   mask, refined towards equal column norms gamma and equal angles, then frozen (with a frozen, seeded bias, as
@@ -10,7 +12,7 @@ linear heads on its features h (post-ReLU, not normalised):
 * ``global_head`` -- the auxiliary global head psi, trained with plain CE on ``h.detach()`` and averaged by the
   server with the backbone (sample-weighted, BatchNorm buffers included).
 * ``personal_head`` -- client k's head phi_k, trained with plain CE on ``h.detach()``, never uploaded; the core
-  keeps it in the client's ``context.state`` between rounds.
+  keeps it per client between rounds (``personal_prefixes``, :mod:`fedlt.core.client_state`).
 
 GLA-FR (closed form, no training) is applied at every evaluation:
 
@@ -39,6 +41,7 @@ from fedlt.api.client import ClientAlgorithm, ClientContext, Predictor
 from fedlt.api.server import ServerAlgorithm
 from fedlt.seeding import derive_seed
 from fedlt.train.local import run_local_epochs, sgd
+from strategies._common import require_linear_head
 
 log = logging.getLogger("fedlt")
 
@@ -72,7 +75,8 @@ def sparsity_mask(d: int, k: int, beta: float, generator: torch.Generator) -> to
 
 
 def sse_c_loss(w: torch.Tensor, gamma: float) -> torch.Tensor:
-    """The refinement objective on a d x K matrix (columns = classes), as documented in §2.3:
+    """The refinement objective on a d x K matrix (columns = classes), as in the official ``gen_sparse_ETF``
+    (``util/etf_methods.py``; the max over j is the paper's Eq. 4):
     sum_k (n_k - gamma)^2 - (1/K) sum_k arccos(clamp(max_{j != k} cos(w_k, w_j), +-0.99999)).
     Used by the tests to check the hand-written gradient of :func:`refine_sse_c`."""
     n = w.norm(dim=0)
@@ -141,7 +145,7 @@ def build_sse_c(d: int, k: int, seed: int, beta: float = 0.6, gamma: float = 0.1
 
 def etf_geometry(weight: torch.Tensor) -> dict[str, float]:
     """Column-norm and pairwise-angle statistics of a classifier weight (K x d, one class per row), in the
-    units of the §2.4 reference table."""
+    units used by the tests' reference values (norms; mean / min / max angle in degrees)."""
     w = weight.detach().double()
     n = w.norm(dim=1)
     u = w / n[:, None]
@@ -251,16 +255,17 @@ class FedLoGeClient(ClientAlgorithm):
                 p.copy_((torch.rand(p.shape, generator=gen, dtype=torch.float64) * 2 * bound - bound).to(p))
 
     def train(self, ctx: ClientContext) -> dict[str, float]:
-        """§4: per batch, h = backbone(x); CE(SSE-C(h)) steps the backbone only; CE(psi(h.detach())) and
-        CE(phi_k(h.detach())) step the two heads with their own optimizers, on the same pre-step features.
-        Plain cross-entropy everywhere (the protocol's; ``validate_config`` refuses another ``loss``)."""
+        """The official local update: per batch, h = backbone(x); CE(SSE-C(h)) steps the backbone only;
+        CE(psi(h.detach())) and CE(phi_k(h.detach())) step the two heads with their own optimizers, on the same
+        pre-step features. Plain cross-entropy everywhere, as in the official code (``validate_config`` refuses
+        another ``loss``)."""
         model = ctx.model
         if not bool(model.sse_c.weight.any()):
             raise RuntimeError("FedLoGe client has no SSE-C: the server's frozen arrays were never received")
         self.ensure_personal_head(ctx)
         model.train()
         opt_cfg = ctx.cfg["optimizer"]
-        head_cfg = {**opt_cfg, "weight_decay": 0.0}  # heads: same lr and momentum, no weight decay (§3.1)
+        head_cfg = {**opt_cfg, "weight_decay": 0.0}  # heads: same lr and momentum, no weight decay (official)
         opt_backbone = sgd(model.backbone.parameters(), opt_cfg)
         opt_global = sgd(model.global_head.parameters(), head_cfg)
         opt_personal = sgd(model.personal_head.parameters(), head_cfg)
@@ -367,7 +372,8 @@ class Server(ServerAlgorithm):
         if loss != "ce":
             raise ConfigError(
                 f"invalid value loss.name={loss!r} with strategy=fedloge: FedLoGe trains the backbone, psi and "
-                f"phi_k with plain cross-entropy (fedloge-protocol.md §2.5, §3.1-3.2); use loss=ce.")
+                f"phi_k with plain cross-entropy (as the official code does); use loss=ce.")
+        require_linear_head(cfg, "FedLoGe builds its own linear heads (SSE-C, psi, phi_k) on the backbone's features")
 
     @staticmethod
     def validate_data(cfg: dict, num_classes: int) -> None:

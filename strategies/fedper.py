@@ -14,7 +14,7 @@ import copy
 from torch import nn
 
 from fedlt.api.client import ClientAlgorithm, ClientContext
-from fedlt.api.server import ServerAlgorithm
+from fedlt.api.server import NoParams, ServerAlgorithm
 
 
 class FedPerClient(ClientAlgorithm):
@@ -42,6 +42,7 @@ class FedPerClient(ClientAlgorithm):
 
 class Server(ServerAlgorithm):
     client_cls = FedPerClient
+    params = NoParams
 
     def generic_predictors(self, model: nn.Module):
         model.eval()

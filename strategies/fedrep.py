@@ -25,8 +25,10 @@ Deviations:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from fedlt.api.client import ClientContext
-from fedlt.config import check_int
+from fedlt.config import param
 from strategies.fedper import FedPerClient
 from strategies.fedper import Server as FedPerServer
 
@@ -67,11 +69,13 @@ class FedRepClient(FedPerClient):
                 p.requires_grad_(flag)
 
 
+@dataclass(frozen=True)
+class Params:
+    body_epochs: int = param(1, "epochs on the body per round, head frozen (official --local_rep_ep, default 1)", lo=0)
+    head_epochs: int | None = param(None, "epochs on the personal head per round, body frozen; null = "
+                                          "local_epochs - body_epochs (at least 1)", lo=0)
+
+
 class Server(FedPerServer):
     client_cls = FedRepClient
-
-    @staticmethod
-    def validate_config(cfg: dict) -> None:
-        check_int(cfg, "strategy.body_epochs", 0)
-        if cfg["strategy"].get("head_epochs") is not None:
-            check_int(cfg, "strategy.head_epochs", 0)
+    params = Params

@@ -1,4 +1,5 @@
-"""FedRoD (Chen & Chao, 2022), the paper's form (as PFLlib implements it; fedloge-protocol.md §10.1, §9).
+"""FedRoD (Chen & Chao, ICLR 2022), the paper's form (as PFLlib implements it: TsingZ0/PFLlib,
+``system/flcore/clients/clientrod.py``).
 
 One body, two heads. Per local batch, with f = body(x):
   * generic: the body and the generic head ``head`` minimise the balanced softmax CE(head(f) + log n, y) on the

@@ -57,7 +57,7 @@ def read_jsonl(path: Path) -> list[dict]:
 @pytest.fixture
 def flower_task_identity():
     """Messages built by hand (outside a ServerApp) need Flower's per-process task identity; the unit tests of
-    tests/federation and tests/strategies use it automatically (their conftest.py)."""
+    tests/api, tests/core, tests/flower and tests/strategies use it automatically (their conftest.py)."""
     from flwr.supercore.task_identity import TaskIdentity
 
     old = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)

@@ -51,7 +51,7 @@ def test_updates_mode_reports_sequential_and_batched_throughput_on_cpu():
     out = updates_benchmark(cfg, repeats=1)
     assert out["device"] == "cpu" and out["clients_per_update_batch"] == 3
     assert out["sequential_updates_per_s"] > 0 and out["batched_updates_per_s"] > 0
-    assert 0 <= out["max_abs_weight_diff"] < 1  # float rounding only (tight equivalence: test_batched.py)
+    assert 0 <= out["max_abs_weight_diff"] < 1  # float rounding only (tight equivalence: tests/core/test_cohort.py)
 
 
 def test_defaults_fill_only_what_the_user_did_not_set():

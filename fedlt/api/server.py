@@ -51,7 +51,7 @@ class ServerAlgorithm:
     """FedAvg's server side; subclass it and override what differs (see the module docstring)."""
 
     client_cls: type[ClientAlgorithm] = ClientAlgorithm
-    params = None  # a dataclass of fedlt.config.param fields (None: the strategy has no options)
+    params: type = NoParams  # a dataclass of fedlt.config.param fields
 
     def __init__(self, cfg: dict):
         self.cfg = cfg

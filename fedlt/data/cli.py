@@ -20,7 +20,8 @@ USAGE = """usage: fedlt-data [figure=PATH] [OVERRIDE ...]
 
 Prepare the data of a run (same overrides as `fedlt`, e.g. dataset=cifar100_lt partition=shards num_clients=40)
 without training and print its JSON summary: class counts of the long-tailed training set, client_train_sizes,
-the clients x classes count matrix, local test sizes and overlap, head/mid/tail class groups under every rule.
+the clients x classes count matrix, local test sizes and overlap, head/mid/tail class groups under every rule,
+and the clients left with no training or no test data (also warned about on stderr).
 figure=PATH (or --figure PATH) also writes a PNG: clients x classes heatmap + the global long-tail curve.
 Config groups: dataset={datasets}; partition={partitions}.
 """
@@ -97,11 +98,40 @@ def inspect_split(overrides: list[str], figure: str | None = None) -> dict:
     validate(plain)
     plan, split, source = prepare(plain)
     result = summary(split, source, plain)
+    result["clients_without_data"] = clients_without_data(result)
     if figure:
         from fedlt.data.figure import write_partition_figure
 
         write_partition_figure(result, figure)
     return result
+
+
+def clients_without_data(result: dict) -> dict:
+    """Clients with no training images and clients with an empty local test set (count and ids)."""
+    out = {}
+    for key, sizes in (("no_training_data", result.get("client_train_sizes") or []),
+                       ("no_test_data", result.get("client_test_sizes") or [])):
+        ids = [i for i, n in enumerate(sizes) if n == 0]
+        out[key] = {"count": len(ids), "clients": ids}
+    return out
+
+
+def _ids(ids: list[int], limit: int = 12) -> str:
+    shown = ", ".join(map(str, ids[:limit]))
+    return shown + (f", ... ({len(ids) - limit} more)" if len(ids) > limit else "")
+
+
+def empty_clients_warning(result: dict) -> str | None:
+    """One paragraph when some clients have no training or no test data, else None."""
+    empty, n = result.get("clients_without_data") or {}, result.get("num_clients", 0)
+    parts = [f"{e['count']} of {n} clients have no {what} (clients {_ids(e['clients'])})"
+             for key, what in (("no_training_data", "training data"), ("no_test_data", "test data"))
+             if (e := empty.get(key)) and e["count"]]
+    if not parts:
+        return None
+    return ("; ".join(parts) + ". A client without training data cannot train and one without test data cannot be "
+            "evaluated; spread the data more evenly (a larger partition.alpha, fewer num_clients, or "
+            "partition.min_samples_per_client=N).")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"{e.strerror or e}: {e.filename or ''}".strip(": "))
     sys.stdout.write(dumps(result) + "\n")
     sys.stdout.flush()
+    warning = empty_clients_warning(result)
+    if warning:
+        print(f"fedlt-data: warning: {warning}", file=sys.stderr, flush=True)
     return 0
 
 

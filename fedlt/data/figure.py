@@ -85,14 +85,12 @@ def count_heatmap(fig, ax, counts: np.ndarray, classes: list[str] | None = None,
     return im
 
 
-def write_partition_figure(summary: dict, path: str | Path) -> Path:
-    """Draw ``summary`` (the ``partition.json`` content) to ``path``, written as a temporary file that is renamed
-    into place (so a reader never sees half a PNG), with the same permissions as any file fedlt writes."""
+def partition_figure(summary: dict):
+    """The figure of ``summary`` (the ``partition.json`` content) as a matplotlib ``Figure`` (no pyplot)."""
     quiet_matplotlib()
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
-    path = Path(path)
     counts = np.asarray(summary["client_class_counts"], dtype=float)
     global_counts = np.asarray(summary["global_class_counts"], dtype=float)
     n_clients, n_classes = counts.shape
@@ -120,6 +118,14 @@ def write_partition_figure(summary: dict, path: str | Path) -> Path:
         handles = [Patch(color=c, label=f"{g}: {len(groups[g])} classes (cumulative 75/95% rule)")
                    for g, c in GROUP_COLOURS.items() if g in groups]
         ax_lt.legend(handles=handles, loc="upper right", fontsize=8)
+    return fig
+
+
+def write_partition_figure(summary: dict, path: str | Path) -> Path:
+    """Draw ``summary`` (the ``partition.json`` content) to ``path``, written as a temporary file that is renamed
+    into place (so a reader never sees half a PNG), with the same permissions as any file fedlt writes."""
+    fig = partition_figure(summary)
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # A plain open() creates the file with the umask's permissions (mkstemp would make it private, 0600).
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

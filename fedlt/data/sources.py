@@ -103,13 +103,15 @@ OLD_TEMP_AGE_S = 3600  # temporary names of older fedlt versions carry no lock: 
 def cache_write_error(e: OSError, folder: Path, what: str = "the decoded data") -> DataError:
     """One paragraph for a cache folder that cannot be written (read-only, a file, a full disk)."""
     code = getattr(e, "errno", None)
-    if code == errno.ENOSPC or code == errno.EDQUOT:
+    if code in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
         why = f"the device holding {folder} is full (nothing half-written was kept); free space there, or"
     elif code in (errno.EACCES, errno.EPERM, errno.EROFS):
         why = (f"{folder} is not writable ({e.strerror}); fedlt keeps {what} there, decoded once and reused. "
                f"Make it writable, or")
     elif code in (errno.ENOTDIR, errno.EEXIST):
-        why = f"{e.filename or folder} is a file where fedlt needs a folder for {what}; move it away, or"
+        wanted = Path(e.filename or folder)  # the file that stands where a folder should be:
+        blocker = next((q for q in (wanted, *wanted.parents) if q.exists() and not q.is_dir()), wanted)
+        why = f"{blocker} is a file where fedlt needs a folder for {what}; move it away, or"
     else:
         why = f"{what} cannot be written to {folder} ({e.strerror or e}); check the folder, or"
     return DataError(f"{why} {CACHE_HINT}.")
@@ -377,7 +379,8 @@ def _fmnist_dir(data_root: str | None, cache_dir: Path, download: bool, path: st
     raise DataError(
         "Fashion-MNIST was not found (looked in: " + ", ".join(str(c) for c in candidates) + "). Install it with "
         "`apt-get install dataset-fashion-mnist` (Debian/Ubuntu; the setup script does this), put the four IDX "
-        "files in one of those folders (data_root=PATH or dataset.path=PATH), or allow the official download with dataset.download=true."
+        "files in one of those folders (data_root=PATH or dataset.path=PATH), or allow the official download with "
+        "dataset.download=true."
     )
 
 
@@ -394,7 +397,8 @@ def download_fmnist(dest: Path, base_url: str = FMNIST_URL) -> Path:
                 shutil.copyfileobj(r, f)
         except OSError as e:
             tmp.unlink(missing_ok=True)
-            raise DataError(f"downloading {base_url + fname} failed ({e}); install dataset-fashion-mnist instead") from e
+            raise DataError(f"downloading {base_url + fname} failed ({e}); install dataset-fashion-mnist "
+                            f"instead") from e
         got = hashlib.md5(tmp.read_bytes()).hexdigest()
         if got != md5:
             tmp.unlink(missing_ok=True)

@@ -101,8 +101,7 @@ def accuracy_over_rounds(runs) -> Figure:
     axes = fig.subplots(1, 2, sharey=True)
     labels = run_labels(runs)
     common, each = _variants(runs)
-    pers_title = "personalized (each client's own test set, mean over all clients"
-    pers_title += f"; {common} logits)" if common else ")"
+    pers_title = "personalized (own test sets, mean over all clients" + (f"; {common})" if common else ")")
     handles = []
     for ax, key, title in ((axes[0], "generic/accuracy", "generic (global model, balanced test set)"),
                            (axes[1], "personalized/accuracy", pers_title)):

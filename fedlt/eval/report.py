@@ -123,12 +123,16 @@ def read_jsonl_tolerant(path: Path, problems: list[str] | None = None) -> list[d
                 problems.append(f"{path} line {number} is cut short (the run was stopped while writing it); "
                                 f"it was left out")
             else:
-                problems.append(f"{path} line {number} is not valid JSON ({_location(e)}); it was left out")
+                problems.append(f"{path} line {number} is not valid JSON ({e.msg} at column {e.colno}); it was left "
+                                f"out")
             continue
         if not isinstance(row, dict) or not isinstance(row.get("round"), int) or isinstance(row.get("round"), bool):
             problems.append(f"{path} line {number} is not a metrics row (an object with an integer \"round\"); "
                             f"it was left out")
             continue
+        if rows and row["round"] <= rows[-1]["round"]:
+            problems.append(f"{path} line {number} goes back to round {row['round']} after round {rows[-1]['round']}: "
+                            f"two runs may have written into this folder")
         rows.append(row)
     return rows
 
@@ -188,7 +192,8 @@ def is_run(path: Path) -> bool:
 def load_run(path: str | Path, label: str | None = None) -> RunData:
     path = Path(path)
     if not path.exists():
-        raise ReportError(f"{path} does not exist; pass the folder a run printed as `run_dir:`")
+        raise ReportError(f"{path} is not a fedlt run directory: it does not exist. Pass the folder a run printed "
+                          f"as `run_dir:`")
     if not is_run(path):
         raise ReportError(f"{path} is not a fedlt run directory (none of {', '.join(RUN_FILES)} is there)")
     problems: list[str] = []
@@ -226,8 +231,8 @@ def expand_runs(paths: list[str]) -> list[Path]:
     out: list[Path] = []
     for p in map(Path, paths):
         if not p.exists():
-            raise ReportError(f"{p} does not exist; pass a run directory (the folder a run printed as `run_dir:`) "
-                              f"or a folder holding runs, e.g. runs/")
+            raise ReportError(f"{p} is not a fedlt run directory: it does not exist. Pass the folder a run printed "
+                              f"as `run_dir:`, or a folder holding runs at any depth (e.g. runs/)")
         if p.is_file():
             raise ReportError(f"{p} is a file, not a run directory; pass the folder that holds it ({p.parent})")
         if is_run(p):

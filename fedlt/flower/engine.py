@@ -18,6 +18,15 @@ Measured costs of the stock engine (fedlt-bench, README "Performance"):
 The patches apply only to the Flower version they were written against (1.42.x, pinned in pyproject.toml);
 on any other version ``tune_flower`` leaves Flower untouched and says so at debug level. ``FEDLT_STOCK_FLOWER=1``
 leaves it untouched too (for A/B measurements).
+
+Flower names they touch -- this module is the only place in fedlt that does:
+
+* replaced: ``flwr.server.superlink.fleet.vce.vce_api.add_messages_to_queue`` (module function) and
+  ``flwr.superlink.grid.inmemory_grid.InMemoryGrid.send_and_receive`` (method);
+* read: ``InMemoryLinkState.message_ins_store``, ``.lock``, ``.message_ins_id_to_message_res_id`` (private
+  attributes), ``Message.metadata.delivered_at`` / ``created_at``;
+* called: ``InMemoryLinkState._check_stored_messages`` (private), ``.get_message_ins`` and
+  ``InMemoryGrid.push_messages`` / ``pull_messages`` / ``pull_interval`` (public), ``flwr.supercore.date.now``.
 """
 
 from __future__ import annotations
@@ -137,41 +146,3 @@ def _send_and_receive(self, messages, *, timeout: float | None = None):
             break
         time.sleep(TICK_S if replies_of is not None else self.pull_interval)
     return ret
-
-
-# ------------------------------------------------------------------------------------------ validation
-def validate_backend(cfg: dict) -> None:
-    """Backend checks that must fail before Ray starts (called by ``fedlt.config.validate``)."""
-    from fedlt.config import ConfigError, check_bool, check_float, check_int
-
-    b = cfg["backend"]
-    if b.get("address"):
-        given = [k for k in ("num_cpus", "num_gpus") if b.get(k) is not None]
-        given += [f"init_args.{k}" for k in ("num_cpus", "num_gpus", "resources", "object_store_memory")
-                  if k in (b.get("init_args") or {})]
-        if given:
-            raise ConfigError(
-                f"invalid value backend.{given[0]}={_get(b, given[0])!r} together with backend.address="
-                f"{b['address']!r}: a Ray cluster's resources are fixed when it is started (`ray start --num-cpus "
-                f"... --num-gpus ...`), and Ray refuses them when attaching; leave backend.{given[0]} null and set "
-                f"per-client resources with backend.num_cpus_per_client / backend.num_gpus_per_client.")
-    device = str(b.get("device", "auto"))
-    if device not in ("auto", "cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
-        raise ConfigError(f"invalid value backend.device={device!r}: allowed values are auto, cpu, cuda, cuda:N.")
-    if "client_data_cache_mb" in b:
-        check_float(cfg, "backend.client_data_cache_mb", 0.0)
-    if "client_batching" in b:
-        check_bool(cfg, "backend.client_batching")
-    if "batching_group" in b:
-        check_int(cfg, "backend.batching_group", 0)
-    if b.get("client_batching"):
-        from fedlt.core.cohort import check_supported
-
-        check_supported(cfg)
-
-
-def _get(b: dict, dotted: str):
-    node = b
-    for part in dotted.split("."):
-        node = node[part]
-    return node

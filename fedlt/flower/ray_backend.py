@@ -2,11 +2,12 @@
 seconds instead of a hang.
 
 Why: ``flwr.simulation.run_simulation`` starts the ServerApp thread first and calls ``ray.init`` afterwards; when
-Ray fails, the ServerApp thread keeps waiting for replies and the process never exits (flower-notes.md pitfall
-5), and ``ray.init`` with an address nobody answers retries for minutes. Here: the address is probed with a
-plain TCP connect first, ``ray.init`` runs under a watchdog (``backend.startup_timeout_s``), and the cluster is
-checked to fit at least one client actor. Flower then finds Ray initialised and uses it as it is (it only sets
-the actors' PYTHONPATH when it starts Ray itself, so that is done here too).
+Ray fails, the ServerApp thread keeps waiting for replies and the process never exits (seen with Flower 1.42:
+``run_simulation`` raises, but the non-daemon ServerApp thread stays in ``send_and_receive``), and ``ray.init`` with
+an address nobody answers retries for minutes. Here: the address is probed with a plain TCP connect first,
+``ray.init`` runs under a watchdog (``backend.startup_timeout_s``), and the cluster is checked to fit at least one
+client actor. Flower then finds Ray initialised and uses it as it is (it only sets the actors' PYTHONPATH when it
+starts Ray itself, so that is done here too).
 
 Client actors are created with ``max_restarts`` (``backend.actor_max_restarts``): Flower 1.42 puts an actor
 whose process died back into its pool, and every later message sent to it fails; a restartable actor comes back
@@ -17,11 +18,13 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import socket
 import sys
 import threading
 from contextlib import contextmanager
 
+LOOPBACK = "127.0.0.1"
 _HOST_PORT = re.compile(r"^(?:ray://)?(\[[0-9A-Fa-f:]+\]|[A-Za-z0-9_.\-]+):(\d{1,5})$")
 
 
@@ -97,6 +100,27 @@ def check_reachable(cfg: dict, init_args: dict) -> None:
         probe(address, timeout=min(5.0, float(cfg["backend"].get("startup_timeout_s") or 120)))
 
 
+def local_only_args(init_args: dict) -> dict:
+    """A private Ray instance for one simulation is reachable from this machine only: every Ray server (GCS,
+    raylet, object manager, workers' gRPC ports, agents) binds the loopback address, and Ray's token
+    authentication is switched on with a random token made for this run (``RAY_AUTH_TOKEN`` in this process's
+    environment, inherited by the Ray processes it starts; other users cannot read it), so no other process
+    on the network -- and no other local process without the token -- can submit work as this user. A cluster (``backend.address``) is secured where it is started: see README "Running on a Ray
+    cluster"."""
+    if "_node_ip_address" not in init_args:
+        if os.environ.get("RAY_AUTH_MODE", "token") == "token":
+            os.environ["RAY_AUTH_MODE"] = "token"
+            if not os.environ.get("RAY_AUTH_TOKEN") and not os.environ.get("RAY_AUTH_TOKEN_PATH"):
+                os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+            if "ray" in sys.modules:  # Ray reads the mode and token when it is imported: make it read them again
+                from ray._raylet import AuthenticationTokenLoader, Config
+
+                Config.initialize("")
+                AuthenticationTokenLoader.instance().reset_cache()
+        return {"_node_ip_address": LOOPBACK}
+    return {}
+
+
 def start_ray(cfg: dict, init_args: dict) -> None:
     """Start or attach to Ray, or raise BackendError within ``backend.startup_timeout_s``."""
     import ray
@@ -109,9 +133,10 @@ def start_ray(cfg: dict, init_args: dict) -> None:
     if os.environ.get("PYTHONPATH"):
         pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
     os.environ["PYTHONPATH"] = pythonpath
+    local_args = {} if address else local_only_args(init_args)
     try:
         with watchdog(limit, f"starting Ray (backend.address={address!r})"):
-            ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **init_args)
+            ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **local_args, **init_args)
     except BackendError:
         raise
     except Exception as e:  # noqa: BLE001 -- every failure to start is reported the same way

@@ -22,7 +22,8 @@ class _DropDeprecation(logging.Filter):
 
 
 def quiet_flower(level: str = "WARNING") -> None:
-    """No duplicated Flower lines under Hydra, no alembic/deprecation noise (flower-notes.md pitfalls 7, 9)."""
+    """No duplicated Flower lines under Hydra (flwr's own console handler plus propagation to Hydra's root handler),
+    no alembic "setup plugin" INFO lines, no run_simulation deprecation warnings."""
     flwr_logger = logging.getLogger("flwr")
     flwr_logger.propagate = False
     flwr_logger.setLevel(level)

@@ -11,6 +11,7 @@ import torch
 
 from fedlt.api.client import ClientAlgorithm
 from fedlt.api.server import ServerAlgorithm
+from strategies.fedavg import FedAvgParams
 
 ROOT = Path(__file__).resolve().parents[2]
 PROBE = "reliability_probe"
@@ -30,6 +31,7 @@ class ProbeClient(ClientAlgorithm):
 
 class ProbeServer(ServerAlgorithm):
     client_cls = ProbeClient
+    params = FedAvgParams  # composed from strategy=fedavg with strategy.name=reliability_probe
 
     def __init__(self, cfg):
         super().__init__(cfg)

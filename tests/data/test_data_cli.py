@@ -140,3 +140,43 @@ def test_console_script_refuses_bad_input_without_traceback(tmp_path):
 def test_help(capsys):
     code, out, _ = run_main(capsys, "--help")
     assert code == 0 and "figure=PATH" in out and "cifar100_lt" in out and "dirichlet_balanced" in out
+
+
+def test_clients_without_training_or_test_data_are_reported(tmp_path, capsys):
+    code, out, err = run_main(capsys, *SYNTH, f"cache_dir={tmp_path / 'cache'}", "num_clients=40",
+                              "partition.alpha=0.001")
+    assert code == 0, err
+    s = json.loads(out)
+    empty = s["clients_without_data"]
+    no_train = [i for i, n in enumerate(s["client_train_sizes"]) if n == 0]
+    no_test = [i for i, n in enumerate(s["client_test_sizes"]) if n == 0]
+    assert no_train and empty["no_training_data"] == {"count": len(no_train), "clients": no_train}
+    assert empty["no_test_data"] == {"count": len(no_test), "clients": no_test}
+    assert err.startswith(f"fedlt-data: warning: {len(no_train)} of 40 clients have no training data (clients "
+                          f"{no_train[0]}, ") and "partition.alpha" in err and err.count("\n") == 1, err
+    code, out, err = run_main(capsys, *SYNTH, f"cache_dir={tmp_path / 'cache'}")
+    assert code == 0 and err == ""
+    assert json.loads(out)["clients_without_data"]["no_training_data"] == {"count": 0, "clients": []}
+
+
+def test_a_decompression_bomb_is_refused_by_the_console_script(tmp_path):
+    from tests.data.test_imagefolder import png_header_only, write_folder
+
+    root = write_folder(tmp_path / "data", {"a": 2, "b": 2})
+    (root / "train" / "a" / "bomb.png").write_bytes(png_header_only(30000, 30000))
+    res = subprocess.run([FEDLT_DATA, "dataset=imagefolder", f"dataset.path={root}", f"cache_dir={tmp_path / 'c'}",
+                          "num_clients=2"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert res.returncode == 2 and res.stdout == "" and "Traceback" not in res.stderr
+    assert res.stderr.startswith("fedlt-data: error: image train/a/bomb.png") and res.stderr.count("\n") == 1
+    assert "decompression bomb" in res.stderr
+
+
+def test_a_read_only_cache_dir_is_one_paragraph(tmp_path, capsys, monkeypatch):
+    from tests.data.test_cache import make_read_only
+
+    cache = tmp_path / "ro-cache"
+    cache.mkdir()
+    make_read_only(monkeypatch, cache)
+    code, out, err = run_main(capsys, *SYNTH, f"cache_dir={cache}")
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    assert f"fedlt-data: error: {cache / 'sources'} is not writable" in err and "cache_dir=PATH" in err

@@ -88,8 +88,10 @@ def test_profile_asking_for_more_images_than_exist(tmp_path):
 
 
 def test_too_many_clients(tmp_path):
+    from fedlt.experiment import prepare_run  # the check runs once, before the split is drawn
+
     with pytest.raises(ConfigError, match="num_clients=500"):
-        prepare(config(tmp_path, "num_clients=500"))
+        prepare_run(config(tmp_path, "num_clients=500"), None)
 
 
 def test_prepare_run_writes_summary_and_figure(tmp_path):
@@ -100,3 +102,48 @@ def test_prepare_run_writes_summary_and_figure(tmp_path):
     prepare_run(config(tmp_path), run_dir)
     assert json.loads((run_dir / "partition.json").read_text())["num_clients"] == 6
     assert (run_dir / "partition.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_damaged_split_file_is_drawn_again_and_equals_a_fresh_one(tmp_path, caplog):
+    import logging
+    from pathlib import Path
+
+    from fedlt.data.federated import FederatedSplit
+
+    cfg = config(tmp_path)
+    plan, _, _ = prepare(cfg)
+    path = Path(plan.split_path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # truncated
+    federated._open.cache_clear()
+    with pytest.raises(DataError, match=f"the split file {path} is damaged .*delete {path}"):
+        client_data(plan, 0)  # a client never guesses: it names the file
+    with caplog.at_level(logging.WARNING, logger="fedlt"):
+        _, again, _ = prepare(cfg)
+    assert f"the split file {path} is damaged" in caplog.text and "drawing the split again" in caplog.text
+    _, fresh, _ = prepare(config(tmp_path / "fresh"))
+    for a, b in ((again, fresh), (FederatedSplit.load(path), fresh)):
+        assert all(np.array_equal(x, y) for x, y in zip(a.client_train + a.client_test,
+                                                         b.client_train + b.client_test, strict=True))
+        assert np.array_equal(a.class_counts, b.class_counts) and np.array_equal(a.lt_indices, b.lt_indices)
+    assert [p.name for p in path.parent.iterdir() if p.name.startswith(".")] == []
+    assert path.stat().st_mode & 0o777 == 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_a_run_writes_its_split_files_with_the_usual_modes(tmp_path):
+    """partition.png was 0600 (a private temporary file renamed into place); every file is 0666 minus the umask."""
+    from fedlt.experiment import prepare_run
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    prepare_run(config(tmp_path), run_dir)
+    for name in ("partition.json", "partition.png"):
+        assert (run_dir / name).stat().st_mode & 0o777 == 0o666 & ~_umask(), name
+    assert sorted(p.name for p in run_dir.iterdir()) == ["partition.json", "partition.png"]

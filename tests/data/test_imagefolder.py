@@ -120,3 +120,27 @@ def test_synthetic_is_learnable_by_the_small_cnn(tmp_path):
         torch.set_num_threads(threads)
     acc = (pred == torch.from_numpy(np.array(s.test_y))).float().mean().item()
     assert acc > 0.5, acc
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` pixels (a decompression bomb as Pillow sees it)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+            + chunk(b"IEND", b""))
+
+
+def test_a_decompression_bomb_is_one_clear_paragraph(tmp_path):
+    root = write_folder(tmp_path / "data", {"a": 2, "b": 2})
+    (root / "train" / "b" / "huge.png").write_bytes(png_header_only(20000, 20000))  # 400 million pixels
+    with pytest.raises(DataError) as e:
+        load_source(icfg(root), None, tmp_path / "cache")
+    msg = str(e.value)
+    assert "train/b/huge.png" in msg and "decompression bomb" in msg and "remove it from the data set" in msg
+    assert "\n" not in msg
+    assert not list((tmp_path / "cache" / "sources").iterdir())  # nothing half-written is kept

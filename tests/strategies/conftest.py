@@ -92,3 +92,11 @@ def reply_from(model: torch.nn.Module, server, client: int, n: int, uploads: dic
 @pytest.fixture(autouse=True)
 def _task_identity(flower_task_identity):
     """Every test here may build Flower messages by hand."""
+
+
+def validate_strategy(server, cfg: dict) -> None:
+    """The strategy's checks as ``fedlt.validate`` runs them: its typed ``params``, then its cross-option rules."""
+    from fedlt.config import check_params
+
+    check_params(cfg, "strategy", server.params)
+    server.validate_config(cfg)

@@ -1,5 +1,6 @@
-"""FedAdam: the server step is Adam on the averaged update (Reddi et al.; Flower's FedAdam), with fedlt's own
-sampling in configure_train; BatchNorm buffers are plain averages; the moments survive a checkpoint."""
+"""FedAdam: the server step is Adam on the averaged update (Reddi et al.; Flower's FedAdam), called from
+fedlt's ``aggregate`` hook (fedlt samples the clients); BatchNorm buffers are plain averages; the moments survive
+a checkpoint."""
 
 import numpy as np
 import torch

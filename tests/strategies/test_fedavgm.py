@@ -1,5 +1,6 @@
-"""FedAvgM: the server step is SGD with momentum on the pseudo-gradient (Hsu et al.; Flower's FedAvgM), with
-fedlt's own sampling in configure_train; BatchNorm buffers are plain averages; momentum survives a checkpoint."""
+"""FedAvgM: the server step is SGD with momentum on the pseudo-gradient (Hsu et al.; Flower's FedAvgM), called
+from fedlt's ``aggregate`` hook (fedlt samples the clients); BatchNorm buffers are plain averages; momentum
+survives a checkpoint."""
 
 import numpy as np
 import torch

@@ -9,7 +9,7 @@ import yaml
 
 from fedlt.config import ConfigError
 from strategies.fedbabu import FedBABUClient, Server
-from tests.strategies.conftest import build, changed, context, snapshot, tiny_cfg, tiny_data
+from tests.strategies.conftest import validate_strategy, build, changed, context, snapshot, tiny_cfg, tiny_data
 
 DEFAULTS = yaml.safe_load((Path(__file__).resolve().parents[2] / "configs/strategy/fedbabu.yaml").read_text())
 
@@ -35,14 +35,14 @@ def sgd_calls(monkeypatch):
 
 
 def test_finetuning_uses_its_own_optimiser_with_the_official_defaults(sgd_calls):
-    assert DEFAULTS["finetune_epochs"] == 5 and DEFAULTS["finetune_part"] == "full"
-    assert DEFAULTS["finetune_lr"] == 1e-3 and DEFAULTS["finetune_momentum"] == 0.9
     cfg = tiny_cfg(DEFAULTS, batch_size=8, optimizer={"lr": 0.1, "momentum": 0.5, "weight_decay": 1e-4})
-    Server.validate_config(cfg)
     model = build(FedBABUClient, cfg)
     FedBABUClient(cfg).predictors(context(model, tiny_data(), cfg))
     n_params = len(list(model.parameters()))
     assert sgd_calls == [(1e-3, 0.9, 0.0, n_params)]  # the whole model, not the training optimiser (lr 0.1)
+    assert DEFAULTS["finetune_epochs"] == 5 and DEFAULTS["finetune_part"] == "full"
+    assert DEFAULTS["finetune_lr"] == 1e-3 and DEFAULTS["finetune_momentum"] == 0.9
+    validate_strategy(Server, cfg)
 
 
 def test_finetune_lr_and_momentum_are_used(sgd_calls):
@@ -50,9 +50,9 @@ def test_finetune_lr_and_momentum_are_used(sgd_calls):
     FedBABUClient(cfg).predictors(context(build(FedBABUClient, cfg), tiny_data(), cfg))
     assert [c[:3] for c in sgd_calls] == [(0.02, 0.0, 0.0)]
     with pytest.raises(ConfigError, match="strategy.finetune_lr"):
-        Server.validate_config(cfg_for(finetune_lr=0.0))
+        validate_strategy(Server, cfg_for(finetune_lr=0.0))
     with pytest.raises(ConfigError, match="strategy.finetune_momentum"):
-        Server.validate_config(cfg_for(finetune_momentum=1.0))
+        validate_strategy(Server, cfg_for(finetune_momentum=1.0))
 
 
 def test_head_is_frozen_during_federated_training():

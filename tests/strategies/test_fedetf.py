@@ -12,7 +12,7 @@ import yaml
 
 from fedlt.config import ConfigError
 from strategies.fedetf import FedETFClient, Server
-from tests.strategies.conftest import build, changed, context, snapshot, tiny_cfg, tiny_data
+from tests.strategies.conftest import validate_strategy, build, changed, context, snapshot, tiny_cfg, tiny_data
 
 DEFAULTS = yaml.safe_load((Path(__file__).resolve().parents[2] / "configs/strategy/fedetf.yaml").read_text())
 STRATEGY = {**DEFAULTS, "finetune_cycles": 1, "proto_epochs": 1, "proj_epochs": 1, "proto_lr": 0.1,
@@ -125,8 +125,8 @@ def test_finetuning_alone_trains_only_prototypes_and_projection_of_a_copy():
 
 
 def test_configured_head_other_than_linear_is_refused():
-    Server.validate_config(CFG)
+    validate_strategy(Server, CFG)
     with pytest.raises(ConfigError, match=r"strategy=fedetf with model\.head=cosine"):
-        Server.validate_config({**CFG, "model": {**CFG["model"], "head": "cosine"}})
+        validate_strategy(Server, {**CFG, "model": {**CFG["model"], "head": "cosine"}})
     with pytest.raises(ConfigError, match="strategy.extra_epochs"):
-        Server.validate_config(cfg_with(extra_epochs=-1))
+        validate_strategy(Server, cfg_with(extra_epochs=-1))

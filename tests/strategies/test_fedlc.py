@@ -14,14 +14,14 @@ import yaml
 from fedlt.config import ConfigError
 from fedlt.data.federated import FederatedSplit
 from strategies.fedlc import FedLCClient, Server
-from tests.strategies.conftest import build, context, tiny_cfg, tiny_data
+from tests.strategies.conftest import validate_strategy, build, context, tiny_cfg, tiny_data
 
 DEFAULTS = yaml.safe_load((Path(__file__).resolve().parents[2] / "configs/strategy/fedlc.yaml").read_text())
 
 
 def test_default_calibrates_with_the_clients_own_counts():
     assert DEFAULTS["counts"] == "local" and DEFAULTS["tau"] == 1.0
-    Server.validate_config(tiny_cfg(DEFAULTS))
+    validate_strategy(Server, tiny_cfg(DEFAULTS))
 
 
 def test_client_loss_subtracts_calibration_offsets():
@@ -45,7 +45,7 @@ def test_global_counts_are_the_split_counts_summed_over_clients(tmp_path):
     data = tiny_data((12, 6, 0, 2))
     data = replace(data, plan=replace(data.plan, split_path=str(tmp_path / "split.npz")))
     cfg = tiny_cfg({**DEFAULTS, "tau": 0.7, "counts": "global"})
-    Server.validate_config(cfg)
+    validate_strategy(Server, cfg)
     loss = FedLCClient(cfg).loss_fn(context(build(FedLCClient, cfg), data, cfg))
     z, y = torch.randn(5, 4), torch.tensor([0, 1, 3, 0, 1])
     n = torch.tensor([13.0, 9.0, 5.0, 2.0])  # class 2: absent locally, present elsewhere -> a finite offset
@@ -57,7 +57,7 @@ def test_global_counts_are_the_split_counts_summed_over_clients(tmp_path):
 
 def test_counts_option_is_validated():
     with pytest.raises(ConfigError, match="strategy.counts='server'"):
-        Server.validate_config(tiny_cfg({**DEFAULTS, "counts": "server"}))
+        validate_strategy(Server, tiny_cfg({**DEFAULTS, "counts": "server"}))
 
 
 def test_calibration_changes_the_local_update():

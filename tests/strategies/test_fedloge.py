@@ -1,4 +1,5 @@
-"""FedLoGe: SSE-C geometry against fedloge-protocol.md §2.4, the refinement's gradient against autograd, GLA-FR
+"""FedLoGe: SSE-C geometry against a re-run of the official construction (ZackZikaiXiao/FedLoGe,
+``util/etf_methods.py``: d=512, beta 0.6, seed 3407), the refinement's gradient against autograd, GLA-FR
 closed forms, what travels in real Flower messages (SSE-C sent once and never uploaded, phi_k never uploaded,
 backbone + psi uploaded), the ClientApp path against a direct call of the client update, and one end-to-end
 run through Flower + Ray on real Fashion-MNIST-LT whose logs hold every FedLoGe metric."""
@@ -47,7 +48,7 @@ def compose(*overrides: str) -> dict:
 
 @pytest.fixture(scope="module")
 def sse_c_k10():
-    """The reference setting of §2.4 (d=512, K=10, beta 0.6, gamma 0.1, 10,000 Adam steps), built once."""
+    """The reference setting (d=512, K=10, beta 0.6, gamma 0.1, 10,000 Adam steps), built once."""
     return build_sse_c(512, 10, seed=3407)
 
 
@@ -58,7 +59,7 @@ def test_refined_sse_c_matches_the_reference_geometry(sse_c_k10):
     w = sse_c_k10["weight"]
     assert w.shape == (10, 512) and w.dtype == torch.float32
     g = etf_geometry(w)
-    # §2.4, K=10 refined: column norm 0.1006 +- 1e-4, angles 96.38 / 96.24 / 96.73 (mean / min / max)
+    # official construction, K=10 refined: column norm 0.1006 +- 1e-4, angles 96.38 / 96.24 / 96.73 (mean / min / max)
     assert abs(g["norm_mean"] - 0.1006) < 5e-4 and g["norm_std"] < 3e-4
     assert abs(g["angle_mean"] - 96.38) < 0.05
     assert 96.0 < g["angle_min"] and g["angle_max"] < 97.0
@@ -75,7 +76,7 @@ def test_pruning_alone_breaks_the_etf_and_the_mask_is_exact():
     assert abs(dense["norm_mean"] - 1.0) < 1e-9
     keep = sparsity_mask(512, 100, 0.6, gen)
     assert int((~keep).sum()) == int(0.6 * 512 * 100)
-    pruned = etf_geometry((etf * keep).T)  # §2.4, K=100 pruned: norm 0.63 +- 0.02, min angle ~80.5
+    pruned = etf_geometry((etf * keep).T)  # official, K=100 pruned: norm 0.63 +- 0.02, min angle ~80.5
     assert abs(pruned["norm_mean"] - 0.63) < 0.02 and pruned["angle_min"] < 84.0
 
 
@@ -370,8 +371,8 @@ def test_client_app_round_trip_matches_direct_update_and_uploads_only_shared(flo
 
 @needs_fmnist
 def test_heads_never_move_the_backbone_and_the_sse_c_stays_frozen(flower_setup):
-    """§4: the backbone sees only CE against the SSE-C (psi and phi_k train on detached features), with the
-    run's SGD; the SSE-C never changes."""
+    """The official local update: the backbone sees only CE against the SSE-C (psi and phi_k train on detached
+    features), with the run's SGD; the SSE-C never changes."""
     from fedlt.data.federated import client_data
     from fedlt.train.local import batches
 

@@ -8,7 +8,7 @@ import torch
 import yaml
 
 from strategies.fedrep import FedRepClient, Server
-from tests.strategies.conftest import build, changed, context, snapshot, tiny_cfg, tiny_data
+from tests.strategies.conftest import validate_strategy, build, changed, context, snapshot, tiny_cfg, tiny_data
 
 DEFAULTS = yaml.safe_load((Path(__file__).resolve().parents[2] / "configs/strategy/fedrep.yaml").read_text())
 
@@ -39,10 +39,10 @@ def phases(cfg) -> list[tuple[str, int]]:
 
 
 def test_default_schedule_is_the_official_split_head_most_epochs_first():
-    assert DEFAULTS["body_epochs"] == 1 and DEFAULTS["head_epochs"] is None
     cfg = tiny_cfg(DEFAULTS, batch_size=8, local_epochs=5)
-    Server.validate_config(cfg)
     assert phases(cfg) == [("head", 4), ("body", 1)]  # official: head_eps = local_ep - local_rep_ep, head first
+    assert DEFAULTS["body_epochs"] == 1 and DEFAULTS["head_epochs"] is None
+    validate_strategy(Server, cfg)
 
 
 def test_official_script_split_and_explicit_head_epochs():
@@ -78,6 +78,6 @@ def test_bad_epochs_are_refused():
     from fedlt.config import ConfigError
 
     with pytest.raises(ConfigError, match="strategy.body_epochs"):
-        Server.validate_config(tiny_cfg({**DEFAULTS, "body_epochs": -1}))
+        validate_strategy(Server, tiny_cfg({**DEFAULTS, "body_epochs": -1}))
     with pytest.raises(ConfigError, match="strategy.head_epochs"):
-        Server.validate_config(tiny_cfg({**DEFAULTS, "head_epochs": 1.5}))
+        validate_strategy(Server, tiny_cfg({**DEFAULTS, "head_epochs": 1.5}))

@@ -75,7 +75,7 @@ def test_personal_head_is_personal_and_both_predictions_are_reported():
 def test_methods_defined_by_their_loss_refuse_another_loss(strategy):
     from strategies import get_strategy
 
-    cfg = tiny_cfg({"name": strategy, "tau": 1.0, "finetune_cycles": 0, "proto_epochs": 0, "proj_epochs": 0,
-                    "proto_lr": 0.1, "proj_lr": 0.1}, loss={"name": "focal", "gamma": 2.0})
+    cfg = tiny_cfg({"name": strategy, "tau": 1.0, "counts": "local", "finetune_cycles": 0, "proto_epochs": 0,
+                    "proj_epochs": 0, "proto_lr": 0.1, "proj_lr": 0.1}, loss={"name": "focal", "gamma": 2.0})
     with pytest.raises(ConfigError, match=f"loss=focal for strategy={strategy}"):
         get_strategy(strategy).validate_config(cfg)
