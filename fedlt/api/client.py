@@ -48,6 +48,9 @@ class ClientContext:
     # extra arrays for this train reply besides the shared model state (e.g. CReFF's per-class gradients), under
     # keys that are not model keys; the server side must remove them before averaging
     uploads: dict[str, torch.Tensor] = field(default_factory=dict)
+    # extra arrays the server sent with this round's global arrays (``ServerAlgorithm.round_arrays``, e.g.
+    # SCAFFOLD's server control variate, FedProto's global prototypes); read-only
+    received: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def strategy(self) -> dict:

@@ -16,6 +16,7 @@ Hooks (override in ``strategies/<name>.py``, class ``Server``):
 * ``validate_config(cfg)`` / ``validate_data(cfg, num_classes)`` -- rules across options, checked before Ray.
 * ``sample_clients(server_round)`` -- who trains this round (default: the seeded uniform sample).
 * ``train_config(server_round)`` -- extra scalars sent with the global arrays.
+* ``round_arrays(server_round)`` -- extra arrays sent with the global arrays (the client's ``ctx.received``).
 * ``frozen_arrays(model)`` -- arrays built once on the server and sent once to each client.
 * ``aggregate(server_round, sent, replies)`` -- the new shared arrays from accepted replies.
 * ``after_aggregate(server_round, arrays, replies)`` -- a server-side step after aggregation (e.g. CReFF).
@@ -76,6 +77,12 @@ class ServerAlgorithm:
                                                  replace=False))
 
     def train_config(self, server_round: int) -> dict:
+        return {}
+
+    def round_arrays(self, server_round: int) -> dict[str, torch.Tensor]:
+        """Extra arrays sent with the global arrays in this round's train AND evaluate messages (the client reads
+        them as ``ctx.received``): state the server updates every round that is not model weights. Called once
+        per message: compute in ``after_aggregate`` and return the stored tensors."""
         return {}
 
     def frozen_arrays(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:

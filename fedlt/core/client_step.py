@@ -35,6 +35,7 @@ from fedlt.seeding import EVAL, INIT, TRAIN, derive_seed, torch_generator
 
 FROZEN = "fedlt.frozen"  # context.state record holding the frozen arrays a client received once
 COHORT = "cohort"  # message type suffix of client batching: "train.cohort"
+RECEIVED = "fedlt.received"  # message record of ServerAlgorithm.round_arrays (the client's ctx.received)
 
 
 # ------------------------------------------------------------------------------------ torch settings
@@ -165,8 +166,10 @@ def load_client(rt: ClientRuntime, msg: Message, context: Context, purpose: int)
     state = dict(holder[STATE].to_torch_state_dict()) if STATE in holder else {}
     seed = int(rt.cfg["seed"])
     torch.manual_seed(derive_seed(seed, purpose, rnd, cid))  # for anything not using the generator
+    received = msg.content[RECEIVED].to_torch_state_dict() if RECEIVED in msg.content else {}
     return ClientContext(model=model, data=view_of(rt, cid), cfg=rt.cfg, round=rnd,
-                         generator=torch_generator(seed, purpose, rnd, cid), state=state, device=rt.device)
+                         generator=torch_generator(seed, purpose, rnd, cid), state=state, device=rt.device,
+                         received=received)
 
 
 def train(rt: ClientRuntime, msg: Message, context: Context) -> Message:

@@ -47,7 +47,7 @@ def unsupported_reasons(server_cls, cfg: dict) -> list[str]:
         reasons.append("its clients train with their own loss_fn() (the vectorised step is plain cross-entropy)")
     if algo.personal_prefixes:
         reasons.append("its clients keep personal model state")
-    for hook in ("aggregate", "after_aggregate"):
+    for hook in ("aggregate", "after_aggregate", "round_arrays"):
         if getattr(server_cls, hook) is not getattr(ServerAlgorithm, hook):
             reasons.append(f"its server overrides {hook}()")
     loss = (cfg.get("loss") or {}).get("name", "ce")

@@ -25,7 +25,7 @@ from flwr.serverapp import Grid
 from fedlt.api.server import NUM_EXAMPLES, ServerAlgorithm
 from fedlt.core.checkpoint import Checkpointer, RunState, rng_state, seed_round, set_rng_state
 from fedlt.core.client_state import ClientStateStore
-from fedlt.core.client_step import COHORT
+from fedlt.core.client_step import COHORT, RECEIVED
 from fedlt.core.cohort import cohorts
 from fedlt.core.failures import check_actors_alive, describe, is_backend_failure
 from fedlt.core.model import build_run_model
@@ -93,6 +93,9 @@ class Dispatch:
 
     def message(self, client: int, arrays: ArrayRecord, config: dict, kind: str) -> Message:
         content = RecordDict({"arrays": arrays, "config": ConfigRecord(config)})
+        extra = self.strategy.round_arrays(int(config["server-round"]))
+        if extra:
+            content[RECEIVED] = ArrayRecord({k: v.detach().cpu() for k, v in extra.items()})
         frozen = self.strategy.frozen
         if frozen and client not in self.has_frozen:
             content["frozen"] = ArrayRecord(frozen)
