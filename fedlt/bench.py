@@ -324,6 +324,56 @@ def compare_rows(flower_rows: list[dict], bare_rows: list[dict],
     return worst <= 1e-6, worst
 
 
+def _train_rounds(round_s: list[float], cfg: dict) -> list[float]:
+    """Steady training-only rounds: after the first, without evaluated rounds."""
+    from fedlt.core.rounds import is_eval_round
+
+    rounds = [t for r, t in enumerate(round_s, start=1) if r > 1 and not is_eval_round(r, cfg)]
+    return rounds or steady(round_s)
+
+
+def _tb_work(run_dir: Path) -> dict[str, list[int]]:
+    return {tag: [int(v) for _, v in sorted(_tb_scalar(run_dir, tag).items())]
+            for tag in ("train/samples", "train/steps")}
+
+
+def plain_run(cfg: dict, threads: int | None = None) -> dict | None:
+    """The same rounds as a deliberately minimal plain-PyTorch loop (``fedlt.bench_plain``): fedlt only
+    prepares the arrays, the split, the sampled clients and a fresh model; None for methods it does not do."""
+    import numpy as np
+    import torch
+
+    from fedlt.bench_plain import plain_rounds
+    from fedlt.core.model import build_run_model
+    from fedlt.data.federated import open_plan
+    from fedlt.experiment import prepare_run
+    from strategies import get_strategy
+
+    method = cfg["strategy"]["name"]
+    if method not in ("fedavg", "fedloge"):
+        return None
+    plan, split, _ = prepare_run(cfg, None)
+    source, _ = open_plan(plan)
+    clients = [(np.array(source.train_x[idx]), np.array(source.train_y[idx], dtype=np.int64))
+               for idx in split.client_train]
+    server_cls = get_strategy(method)
+    server = server_cls(cfg)
+    model = build_run_model(cfg, plan, server_cls.client_cls)
+    server.initial_arrays(model)
+    if server.frozen:
+        model.load_state_dict(server.frozen, strict=False)
+    sampled = [server.sample_clients(r) for r in range(1, int(cfg["num_rounds"]) + 1)]
+    old = torch.get_num_threads()
+    torch.set_num_threads(int(threads or cfg["backend"].get("torch_threads") or 1))
+    try:
+        o = cfg["optimizer"]
+        return plain_rounds(model, clients, sampled, method, int(cfg["local_epochs"]), int(cfg["batch_size"]),
+                            float(o["lr"]), float(o["momentum"]), float(o["weight_decay"]), plan.mean, plan.std,
+                            int(plan.augment_padding), bool(plan.augment_hflip), seed=int(cfg["seed"]))
+    finally:
+        torch.set_num_threads(old)
+
+
 def compare(cfg: dict, bare_threads: int | None, keep: str | None) -> dict:
     from fedlt.flower.simulation import quiet_flower
 
@@ -334,9 +384,12 @@ def compare(cfg: dict, bare_threads: int | None, keep: str | None) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     with MemorySampler() as flower_mem:
         flower = flower_run(cfg, run_dir)
+    with MemorySampler() as plain_mem:
+        plain = plain_run(cfg, bare_threads)
     match, diff = compare_rows(flower["rows"], bare["rows"])
     f_steady, b_steady = statistics.median(steady(flower["round_s"])), statistics.median(steady(bare["round_s"]))
     b = cfg["backend"]
+    work = _tb_work(run_dir)
     out = {
         "steady_round_ratio": round(f_steady / b_steady, 3),
         "end_to_end_ratio": round(flower["end_to_end_s"] / bare["end_to_end_s"], 3),
@@ -365,6 +418,18 @@ def compare(cfg: dict, bare_threads: int | None, keep: str | None) -> dict:
         "device": _device_name(cfg),
         "machine": machine_info(),
     }
+    if plain is not None:
+        p_steady = statistics.median(_train_rounds(plain["round_s"], cfg))
+        f_train = statistics.median(_train_rounds(flower["round_s"], cfg))
+        out.update({
+            "flower_vs_plain_steady_round": round(f_train / p_steady, 3),
+            "bare_vs_plain_steady_round": round(statistics.median(_train_rounds(bare["round_s"], cfg)) / p_steady, 3),
+            "plain_steady_round_s": round(p_steady, 3), "flower_steady_train_round_s": round(f_train, 3),
+            "plain_peak_rss_mb": round(plain_mem.peak_rss),
+            "flower_vs_plain_peak_rss": round(flower_mem.peak_rss / max(plain_mem.peak_rss, 1e-9), 3),
+            "plain_samples_per_round": plain["samples"], "plain_steps_per_round": plain["steps"],
+            "flower_samples_per_round": work.get("train/samples"), "flower_steps_per_round": work.get("train/steps"),
+        })
     if keep:
         out["run_dir"] = str(run_dir)
     else:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from fedlt.data.federated import prepare, summary
 from fedlt.data.longtail import longtail_counts
 from fedlt.data.sources import load_source
 from fedlt.runlog import write_json_atomic
-from fedlt.validate import validate_prepared
+from fedlt.validate import validate_prepared, validate_split
 from strategies import get_strategy
 
 log = logging.getLogger("fedlt")
@@ -48,6 +49,7 @@ def prepare_run(cfg: dict, run_dir: Path | None):
                                                d["profile"]).sum()))
     plan, split, source = prepare(cfg)
     validate_prepared(cfg, int(split.global_counts.sum()), plan.num_classes)
+    validate_split(cfg, split.client_train, split.client_test)
     if run_dir is not None:
         split_summary = summary(split, source, cfg)
         write_json_atomic(run_dir / "partition.json", split_summary)
@@ -74,6 +76,11 @@ def run(cfg: dict, run_dir: Path, resume: bool = False) -> dict:
         stop.restore()
 
 
+def status(message: str) -> None:
+    """A progress line for the person at the terminal (stderr; the results go to stdout and the run folder)."""
+    print(f"fedlt: {message}", file=sys.stderr, flush=True)
+
+
 def _run(cfg: dict, run_dir: Path, resume: bool, stop: StopRequest, on_signal: bool) -> dict:
     from fedlt.flower.ray_backend import check_reachable
     from fedlt.flower.simulation import backend_config, simulate
@@ -90,17 +97,28 @@ def _run(cfg: dict, run_dir: Path, resume: bool, stop: StopRequest, on_signal: b
             raise checkpoint.CheckpointError(
                 f"invalid value num_rounds={cfg['num_rounds']}: the newest checkpoint of {run_dir} is after round "
                 f"{state.round}; a resumed run can keep or raise num_rounds, not lower it below that.")
-        checkpoint.reset_run_dir(run_dir, state, cfg)
     check_reachable(cfg, backend_config(cfg)["init_args"])  # a dead backend.address fails before data loading
-    plan, _, _ = prepare_run(cfg, run_dir)
+    status(f"{'continuing' if resume else 'running'} strategy={cfg['strategy']['name']} on "
+           f"dataset={cfg['dataset']['name']}: {cfg['num_clients']} clients, {cfg['num_rounds']} rounds; preparing "
+           f"data (the first time a dataset is used it is decoded once and cached)")
+    plan, _, _ = prepare_run(cfg, None if resume else run_dir)
     if state is not None and state.round == int(cfg["num_rounds"]):  # killed after the last checkpoint
+        checkpoint.reset_run_dir(run_dir, state, cfg)
         outcome = RunOutcome(rows=state.rows, detail=state.detail, failures=state.failures, finished=True,
                              last_round=state.round)
         return write_results(cfg, run_dir, outcome, t0, time.monotonic())
     if stop.event.is_set():
         raise Interrupted(stop.exit_code, state.round if state else 0)
+    def ray_is_up() -> None:
+        """The run folder changes only now, once everything that can refuse the run has accepted it."""
+        if on_signal:
+            stop.install()  # ray.init replaced the SIGTERM handler
+        if resume:
+            checkpoint.reset_run_dir(run_dir, state, cfg)
+
+    status("starting Ray and the client actors")
     t_sim = time.monotonic()
-    outcome = simulate(cfg, plan, run_dir, state, stop.event, stop.install if on_signal else None)
+    outcome = simulate(cfg, plan, run_dir, state, stop.event, ray_is_up)
     if outcome.error is not None and not outcome.finished:
         raise RunFailed(outcome.error)
     if not outcome.finished:

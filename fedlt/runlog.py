@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 
 from fedlt.eval import tb_extras
 
@@ -55,7 +56,8 @@ class RunLogger:
         self._progress = None
         if progress and sys.stderr.isatty():
             self._progress = Progress(TextColumn("[bold]round"), MofNCompleteColumn(), BarColumn(),
-                                      TextColumn("{task.description}"), TimeElapsedColumn(), console=self._console)
+                                      TextColumn("{task.description}"), TimeElapsedColumn(),
+                                      TextColumn("eta"), TimeRemainingColumn(), console=self._console)
             self._task = self._progress.add_task("", total=num_rounds, completed=start_round)
             self._progress.start()
         self.show_plain = progress and self._progress is None
@@ -92,7 +94,8 @@ class RunLogger:
         g, p = row.get("generic/accuracy"), row.get("personalized/accuracy")
         text = f"generic {g:.4f}  personalized {p:.4f}" if g is not None and p is not None else ""
         if self._progress is not None:
-            self._progress.update(self._task, completed=row["round"], description=text)
+            self._progress.update(self._task, completed=row["round"],  # metrics say which round they are from
+                                  description=f"round {row['round']}: {text}" if text else "")
         elif self.show_plain:
             print(f"round {row['round']}/{self.num_rounds}  {text}  ({row.get('time/round_s', 0):.1f} s/round)",
                   file=sys.stderr, flush=True)

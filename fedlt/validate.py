@@ -95,6 +95,26 @@ def validate_prepared(cfg: dict, train_size: int, num_classes: int | None = None
         get_strategy(cfg["strategy"]["name"]).validate_data(cfg, num_classes)
 
 
+def validate_split(cfg: dict, client_train: list, client_test: list) -> None:
+    """Every client needs training data (or it can never contribute) and test data (or its personalized
+    accuracy is undefined): a split that leaves clients empty is refused, with the count and what to change."""
+    no_train = [c for c, idx in enumerate(client_train) if len(idx) == 0]
+    no_test = [c for c, idx in enumerate(client_test) if len(idx) == 0]
+    if no_train or no_test:
+        def ids(cs: list[int]) -> str:
+            return ", ".join(map(str, cs[:8])) + (", ..." if len(cs) > 8 else "")
+
+        parts = [f"{len(no_train)} of {len(client_train)} clients have no training data (clients {ids(no_train)})"
+                 if no_train else "",
+                 f"{len(no_test)} have no local test data (clients {ids(no_test)})" if no_test else ""]
+        raise ConfigError(
+            f"invalid partition for num_clients={cfg['num_clients']} with partition={cfg['partition']['name']}"
+            + (f" (alpha={cfg['partition']['alpha']})" if "alpha" in cfg["partition"] else "") + ": "
+            + "; ".join(p for p in parts if p) + ". Use fewer clients, a larger partition.alpha, or "
+            "partition.min_samples_per_client=N (redraws until every client has N samples); `fedlt-data` shows "
+            "the split without running it.")
+
+
 # ------------------------------------------------------------------------------------------ sections
 def _known_keys(cfg: dict) -> None:
     unknown = sorted(set(cfg) - set(TOP_LEVEL))

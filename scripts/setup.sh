@@ -5,8 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+OWN_VENV=1
 if [ -n "${VIRTUAL_ENV:-}" ] && [ -z "${FEDLT_VENV:-}" ]; then
   VENV="$VIRTUAL_ENV"                       # use the researcher's own active venv
+  OWN_VENV=0
 else
   VENV="${FEDLT_VENV:-.venv}"
 fi
@@ -39,5 +41,10 @@ if [ -z "${FEDLT_DATA_ROOT:-}" ] && [ -d ../shared/data ]; then
   echo "export FEDLT_DATA_ROOT=$(cd ../shared/data && pwd)" > "$VENV/.fedlt-env"
 else
   : > "$VENV/.fedlt-env"
+fi
+# `. .venv/bin/activate` then sees the same data location as scripts/run.sh (fedlt, fedlt-data, fedlt-report).
+if [ "$OWN_VENV" = 1 ] && [ -f "$VENV/bin/activate" ] && ! grep -q "fedlt-env" "$VENV/bin/activate"; then
+  printf '\n# fedlt: data location written by scripts/setup.sh\n[ -f "$VIRTUAL_ENV/.fedlt-env" ] && . "$VIRTUAL_ENV/.fedlt-env"\n' \
+    >> "$VENV/bin/activate"
 fi
 echo "$VENV"

@@ -2,7 +2,6 @@
 Fashion-MNIST, and bad input refused before anything expensive starts."""
 
 import json
-import time
 
 import pytest
 
@@ -15,10 +14,8 @@ REQUIRED = ("round", "generic/accuracy", "personalized/accuracy", "train/loss", 
 @needs_fmnist
 def test_smoke_experiment_end_to_end(tmp_path):
     run_dir = tmp_path / "run"
-    t0 = time.monotonic()
     res = run_fedlt("experiment=smoke", run_dir=run_dir)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert time.monotonic() - t0 < 120
     assert res.stdout.strip().splitlines()[-1] == f"run_dir: {run_dir.resolve()}"
     assert "Traceback" not in res.stderr
     for name in ("config.yaml", "metrics.jsonl", "results.json", "partition.json"):

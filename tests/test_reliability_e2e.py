@@ -189,17 +189,13 @@ BACKEND = [
 @pytest.mark.parametrize("case,overrides,code,message", BACKEND, ids=[b[0] for b in BACKEND])
 def test_backend_failure_exits_quickly_with_nothing_left_running(case, overrides, code, message, tmp_path):
     run_dir = tmp_path / "run"
-    t0 = time.monotonic()
     proc = start(*TINY, "num_rounds=2", *overrides, run_dir=run_dir)
     rc, log = finish(proc, timeout=120)
-    elapsed = time.monotonic() - t0
     assert rc == code, log[-3000:]
     errors = [ln for ln in log.splitlines() if ln.startswith("fedlt: error:")]
     assert len(errors) == 1 and message in errors[0], log[-3000:]
-    # Before: a hang (run_simulation never returns; ray.init retries a dead address for minutes). The limits
-    # include Python/torch imports, data loading, Ray and actor start-up on a loaded 2-core machine; quiet, these
-    # take about 6 s (address), 10 s (Ray refuses) and 15 s (dead pool, which first runs a round).
-    assert elapsed < (90 if case == "dead-actor-pool" else 60), elapsed
+    # Before: a hang (run_simulation never returns; ray.init retries a dead address for minutes): `finish`
+    # gives up after 120 s. How long it takes is a benchmark figure, not an assertion on a shared machine.
     wait_until(lambda: session(proc.pid) == [], 5)  # no process left behind
     if case != "dead-actor-pool":  # nothing ran: no run directory is left
         assert not (run_dir / "config.yaml").exists()

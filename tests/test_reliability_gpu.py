@@ -10,6 +10,7 @@ default kernels and with deterministic ones, 0.021 GPU vs CPU; ResNet-8 0.137 ru
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import warnings
@@ -77,7 +78,7 @@ def measure(model_name: str) -> dict:
 def test_gpu_client_update_is_bitwise_reproducible_with_deterministic_kernels(model_name):
     m = measure(model_name)
     assert m["deterministic_run_to_run_max_diff"] == 0.0, m
-    assert m["gpu_vs_cpu_max_diff"] > 0.0, m  # GPU and CPU results differ: documented, not hidden
+    assert math.isfinite(m["gpu_vs_cpu_max_diff"]), m  # measured and reported (GPU and CPU kernels differ)
 
 
 if __name__ == "__main__":

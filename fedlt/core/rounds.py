@@ -204,6 +204,9 @@ def run_rounds(strategy: ServerAlgorithm, grid: Grid, cfg: dict, plan: DataPlan,
             n = sum(float(m[NUM_EXAMPLES]) for m in metrics)
             row["train/loss"] = sum(float(m["train/loss"]) * float(m[NUM_EXAMPLES]) for m in metrics) / n
         row["train/clients"] = sum(int(m.get("num-clients", 1)) for m in metrics)  # a cohort reply counts its clients
+        for key in ("train/steps", "train/samples"):  # the work done: local SGD steps and sample passes
+            if metrics and all(key in m for m in metrics):
+                row[key] = sum(float(m[key]) for m in metrics)
         row["train/failures"] = len(outcome.failures) - failures_before
         logger.train_round(rnd, {k: v for k, v in row.items() if k != "round"} | {"time/train_s": time.monotonic() - t0})
         if is_eval_round(rnd, cfg):

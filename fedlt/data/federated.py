@@ -276,14 +276,14 @@ class ClientData:
 
 
 @lru_cache(maxsize=4)
-def _open(plan: DataPlan) -> tuple[SourceArrays, FederatedSplit]:
+def open_plan(plan: DataPlan) -> tuple[SourceArrays, FederatedSplit]:
     source = open_cached_source(plan.source_cache, plan.source_name, plan.mean, plan.std, plan.label_suffix)
     return source, FederatedSplit.load(plan.split_path)
 
 
 def client_data(plan: DataPlan, client_id: int) -> ClientData:
     """Open (once per process) and slice one client's data."""
-    source, split = _open(plan)
+    source, split = open_plan(plan)
     tr, te = split.client_train[client_id], split.client_test[client_id]
     k = plan.num_classes
     test_x_all, test_y_all = ((source.train_x, source.train_y) if split.local_test_split == "train"
@@ -304,7 +304,7 @@ def client_data(plan: DataPlan, client_id: int) -> ClientData:
 
 def global_test(plan: DataPlan) -> tuple[torch.Tensor, torch.Tensor]:
     """The balanced test split, normalised (server-side generic evaluation)."""
-    source, _ = _open(plan)
+    source, _ = open_plan(plan)
     x = to_float(torch.from_numpy(np.array(source.test_x)), plan.mean, plan.std)
     return x, torch.from_numpy(np.array(source.test_y, dtype=np.int64))
 

@@ -11,6 +11,8 @@ Measured costs of the stock engine (fedlt-bench, README "Performance"):
   ``_dispatch_messages`` does one pass over the stored messages per tick (O(M)), hands a node at most one
   message at a time (Flower: one per node per 0.1 s pass), keeps Flower's expiry check, and ticks every 2 ms
   while the store changes.
+* **Shutdown**: actors are killed (``ray.kill``) instead of sent a ``terminate`` task, which Ray reports as
+  a failed task on every successful run when task retries are on.
 * **Reply polling**: ``InMemoryGrid.send_and_receive`` slept 0.1 s between pulls and each pull re-verified all
   pending ids. ``_send_and_receive`` pulls only the ids that have a reply (a dict look-up each), polls every
   2 ms, and still does a full pull every second so expired messages turn into error replies as before.
@@ -21,8 +23,9 @@ leaves it untouched too (for A/B measurements).
 
 Flower names they touch -- this module is the only place in fedlt that does:
 
-* replaced: ``flwr.server.superlink.fleet.vce.vce_api.add_messages_to_queue`` (module function) and
-  ``flwr.superlink.grid.inmemory_grid.InMemoryGrid.send_and_receive`` (method);
+* replaced: ``flwr.server.superlink.fleet.vce.vce_api.add_messages_to_queue`` (module function),
+  ``flwr.superlink.grid.inmemory_grid.InMemoryGrid.send_and_receive`` (method) and
+  ``flwr.simulation.ray_transport.ray_actor.BasicActorPool.terminate_all_actors`` (method; quiet shutdown);
 * read: ``InMemoryLinkState.message_ins_store``, ``.lock``, ``.message_ins_id_to_message_res_id`` (private
   attributes), ``Message.metadata.delivered_at`` / ``created_at``;
 * called: ``InMemoryLinkState._check_stored_messages`` (private), ``.get_message_ins`` and
@@ -68,8 +71,28 @@ def tune_flower() -> bool:
         return False
     vce_api.add_messages_to_queue = _dispatch_messages
     InMemoryGrid.send_and_receive = _send_and_receive
+    try:
+        from flwr.simulation.ray_transport.ray_actor import BasicActorPool
+
+        BasicActorPool.terminate_all_actors = _kill_all_actors
+    except ImportError:  # pragma: no cover - a different Flower layout
+        pass
     _TUNED = True
     return True
+
+
+def _kill_all_actors(self) -> None:
+    """Replacement for ``BasicActorPool.terminate_all_actors`` at the end of a simulation: ``ray.kill`` each
+    actor instead of sending it a ``terminate`` task that calls ``exit_actor()``. With task retries on (fedlt's
+    ``backend.actor_task_retries``), Ray reports every such intentional exit as a failed task to be retried
+    ("(raylet) Task ClientAppActor.terminate failed ... IntentionalSystemExit") on a run that succeeded."""
+    import ray
+
+    for actor in self.pool:
+        try:
+            ray.kill(actor, no_restart=True)
+        except Exception:  # noqa: BLE001 -- an actor already gone is fine
+            pass
 
 
 def _flwr_version() -> str:

@@ -52,6 +52,7 @@ def simulate(cfg: dict, plan: DataPlan, run_dir: Path, state: RunState | None, s
              after_ray_start=None) -> RunOutcome:
     """Run the rounds after ``state`` (None: from the start) on Ray; return the outcome. ``after_ray_start`` is
     called once Ray is up (``ray.init`` replaces the SIGTERM handler: the caller re-installs its own)."""
+    quiet_flower(cfg.get("log_level", "WARNING"))  # before Flower's simulation modules log at import
     from flwr.simulation import run_simulation
 
     from fedlt.flower.client_app import make_client_app
@@ -59,7 +60,6 @@ def simulate(cfg: dict, plan: DataPlan, run_dir: Path, state: RunState | None, s
     from fedlt.flower.ray_backend import shutdown_ray, start_ray
     from fedlt.flower.server_app import make_server_app
 
-    quiet_flower(cfg.get("log_level", "WARNING"))
     start_ray(cfg, backend_config(cfg)["init_args"])  # BackendError within seconds instead of a hang
     if after_ray_start is not None:
         after_ray_start()

@@ -48,11 +48,12 @@ def sgd(params, cfg: dict) -> torch.optim.SGD:
 def run_local_epochs(data: ClientData, epochs: int, batch_size: int, generator: torch.Generator,
                      step: Callable[[torch.Tensor, torch.Tensor], float], device: str = "cpu") -> dict[str, float]:
     """Call ``step(x, y) -> loss`` on every batch; return mean loss and step count."""
-    total, steps = 0.0, 0
+    total, steps, samples = 0.0, 0, 0
     for x, y in batches(data, batch_size, epochs, generator):
         total += float(step(x.to(device, non_blocking=True), y.to(device, non_blocking=True)))
         steps += 1
-    return {"train/loss": total / max(steps, 1), "train/steps": float(steps)}
+        samples += len(y)
+    return {"train/loss": total / max(steps, 1), "train/steps": float(steps), "train/samples": float(samples)}
 
 
 def supervised_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn,

@@ -114,7 +114,7 @@ def test_a_damaged_split_file_is_drawn_again_and_equals_a_fresh_one(tmp_path, ca
     plan, _, _ = prepare(cfg)
     path = Path(plan.split_path)
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # truncated
-    federated._open.cache_clear()
+    federated.open_plan.cache_clear()
     with pytest.raises(DataError, match=f"the split file {path} is damaged .*delete {path}"):
         client_data(plan, 0)  # a client never guesses: it names the file
     with caplog.at_level(logging.WARNING, logger="fedlt"):

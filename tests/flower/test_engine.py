@@ -76,9 +76,7 @@ def test_dispatch_and_replies_on_flowers_link_state(link):
         # two messages per node in one send: the second one of a node must wait for the first's reply
         msgs = [Message(RecordDict({"metrics": MetricRecord({"i": i})}), dst_node_id=nid,
                         message_type=MessageType.TRAIN) for i in range(2) for nid in nodes]
-        t0 = time.monotonic()
         replies = list(engine._send_and_receive(grid, msgs, timeout=30))
-        elapsed = time.monotonic() - t0
     finally:
         stop.set()
         for t in threads:
@@ -87,7 +85,6 @@ def test_dispatch_and_replies_on_flowers_link_state(link):
     assert len(seen) == len(set(seen)) == 12  # each message delivered exactly once
     assert sorted(int(r.content["metrics"]["node"]) for r in replies) == sorted(list(nodes) * 2)
     assert not overlap  # never two messages of one node in flight
-    assert elapsed < 10
 
 
 def test_patches_apply_to_flower_1_42_only(monkeypatch):
