@@ -105,7 +105,7 @@ def _run(cfg: dict, run_dir: Path, resume: bool, stop: StopRequest, on_signal: b
     if state is not None and state.round == int(cfg["num_rounds"]):  # killed after the last checkpoint
         checkpoint.reset_run_dir(run_dir, state, cfg)
         outcome = RunOutcome(rows=state.rows, detail=state.detail, failures=state.failures, finished=True,
-                             last_round=state.round)
+                             last_round=state.round, privacy=(state.privacy or {}).get("summary", {}))
         return write_results(cfg, run_dir, outcome, t0, time.monotonic())
     if stop.event.is_set():
         raise Interrupted(stop.exit_code, state.round if state else 0)
@@ -155,4 +155,5 @@ def final_results(cfg: dict, outcome: RunOutcome, wall_s: float, sim_s: float) -
         "detail": outcome.detail,
         "failures": outcome.failures,
         "pid": os.getpid(),
+        **({"privacy": outcome.privacy} if outcome.privacy else {}),  # fedlt.privacy: mode, sampling, accountant
     }

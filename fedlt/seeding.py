@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 # stream purposes (any distinct integers)
-INIT, TRAIN, SAMPLE, EVAL, FAULT, SERVER = 1, 2, 3, 4, 5, 6
+INIT, TRAIN, SAMPLE, EVAL, FAULT, SERVER, PRIVACY = 1, 2, 3, 4, 5, 6, 7
 
 
 def derive_seed(seed: int, *keys: int) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 
+from fedlt.api.server import ServerAlgorithm
 from fedlt.config import (ConfigError, check_bool, check_choice, check_float, check_int, check_params,
                           clients_per_round, fail, get)
 from fedlt.core.cohort import check_supported
@@ -24,6 +25,7 @@ from fedlt.data.sources import SOURCES
 from fedlt.data.validate import validate_data
 from fedlt.flower.ray_backend import address_problem
 from fedlt.models import HEADS, MODELS
+from fedlt.privacy import CENTRAL, MODES as PRIVACY_MODES, NONE
 from fedlt.train.losses import validate_loss
 import strategies
 from strategies import get_strategy
@@ -33,7 +35,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # strategy are checked by their owners). Anything else -- a typo, a `+key=...` -- is refused.
 TOP_LEVEL = ("seed", "num_clients", "num_rounds", "participation", "local_epochs", "batch_size", "optimizer", "eval",
              "checkpoint", "resume", "fault_injection", "data_root", "cache_dir", "log_level", "dataset",
-             "partition", "model", "strategy", "loss", "backend")
+             "partition", "model", "strategy", "loss", "backend", "privacy")
 SECTIONS = {
     "optimizer": ("lr", "momentum", "weight_decay"),
     "eval": ("every", "batch_size", "mask_absent_classes", "local_test", "holdout_fraction", "test_agnostic"),
@@ -79,6 +81,7 @@ def validate(cfg: dict) -> dict:
     server.validate_config(cfg)  # cross-option rules of the strategy (e.g. FedLoGe needs loss=ce)
     if cfg["backend"].get("client_batching"):
         check_supported(cfg, server)
+    _privacy(cfg, server)
     return cfg
 
 
@@ -270,3 +273,80 @@ def _reliability(cfg: dict) -> None:
             f"sampled per round, so the global model would never change; lower min_clients_per_round to at most "
             f"{sampled}.")
 
+
+def _privacy(cfg: dict, server) -> None:
+    """Client-level DP (:mod:`fedlt.privacy`): the mode's typed options, and the runs whose uploads it cannot
+    protect or whose sampling it cannot account for."""
+    if "privacy" not in cfg:  # a run directory written before the privacy group existed: no DP
+        return
+    check_choice(cfg, "privacy.name", tuple(PRIVACY_MODES))
+    name = cfg["privacy"]["name"]
+    check_params(cfg, "privacy", PRIVACY_MODES[name])
+    if name == NONE:
+        return
+    combo = f"invalid combination privacy={name} with strategy={cfg['strategy']['name']}"
+    client = server.client_cls
+    if client.extra_uploads:
+        raise ConfigError(
+            f"{combo}: its clients upload {client.extra_uploads} besides their model update, and client-level DP "
+            f"clips and noises only the model update, so these uploads would leave the clients unprotected (the "
+            f"method cannot run without them). Use privacy=none, or a strategy whose clients upload only their model "
+            f"update (e.g. fedavg, fedprox, fedlc, fedloge).")
+    if client.is_personal(""):  # a personal prefix "" covers every key: nothing is shared
+        raise ConfigError(f"{combo}: its clients share no model arrays (the whole model is personal), so there is "
+                          f"no update to protect and no epsilon to report; use privacy=none.")
+    if server.sample_clients is not ServerAlgorithm.sample_clients:  # server: the strategy's Server class
+        raise ConfigError(f"{combo}: the strategy chooses its own clients (sample_clients), while the privacy "
+                          f"accountant needs the sampling it assumes (privacy.sampling: poisson or fixed-size "
+                          f"uniform); use privacy=none.")
+    if cfg["backend"].get("client_batching"):
+        raise ConfigError(
+            f"invalid combination privacy={name} with backend.client_batching=true: a client-batching reply is "
+            f"the average of a whole cohort's updates, so no single client's update can be clipped; set "
+            f"backend.client_batching=false.")
+    if name == CENTRAL:
+        _central_dp(cfg)
+
+
+def _central_dp(cfg: dict) -> None:
+    from fedlt.privacy import accounting
+
+    p = cfg["privacy"]
+    if int(cfg["backend"]["min_clients_per_round"]) != 1:
+        raise ConfigError(
+            f"invalid combination privacy=dp_central with backend.min_clients_per_round="
+            f"{cfg['backend']['min_clients_per_round']}: the noised aggregate is released every round (skipping a "
+            f"round because few clients answered would reveal who took part), so min_clients_per_round must be 1.")
+    if p["accountant"] == "pld" and p["sampling"] != accounting.POISSON:
+        fail("privacy.accountant", p["accountant"], "the PLD accountant covers Poisson sampling only; with "
+             "privacy.sampling=fixed use privacy.accountant=rdp")
+    n = int(cfg["num_clients"])
+    m = clients_per_round(n, cfg["participation"])
+    q = float(cfg["participation"]) if p["sampling"] == accounting.POISSON else m / n
+    expected = q * n if p["sampling"] == accounting.POISSON else m
+    target = p["target_epsilon"]
+    calibrate = target is not None and p["on_budget"] == "calibrate"
+    z = float(p["noise_multiplier"])
+    if target is not None and not calibrate:
+        if z <= 0:
+            fail("privacy.noise_multiplier", p["noise_multiplier"], "with privacy.target_epsilon and "
+                 "on_budget=stop the noise multiplier must be > 0 (without noise epsilon is infinite)")
+        first = accounting.central_epsilon(z, 1, float(p["delta"]), p["sampling"], n, m, q, p["accountant"])
+        if first > float(target):
+            raise ConfigError(
+                f"invalid value privacy.target_epsilon={target}: one round with noise_multiplier={z:g} already "
+                f"spends epsilon {first:.3g} (delta {p['delta']}), so no round could run; raise the target or the "
+                f"noise multiplier, or use on_budget=calibrate.")
+    if p["adaptive_clipping"]:
+        stddev = float(p["clipped_count_stddev"]) if p["clipped_count_stddev"] is not None else expected / 20
+        if calibrate:  # the z the run will use (deterministic: the run computes the same value)
+            z = accounting.calibrate_noise(float(target), int(cfg["num_rounds"]), float(p["delta"]), p["sampling"],
+                                           n, m, q, p["accountant"])
+        if z >= 2 * stddev:
+            raise ConfigError(
+                f"invalid combination privacy.adaptive_clipping=true with noise multiplier {z:.4g}"
+                f"{' (calibrated for target_epsilon)' if calibrate else ''} and clipped_count_stddev {stddev:.4g}"
+                f"{' (expected clients per round / 20)' if p['clipped_count_stddev'] is None else ''}: the count of "
+                f"unclipped updates needs its own share of the noise, which requires noise multiplier < 2 x "
+                f"clipped_count_stddev (Andrew et al. 2021); set privacy.clipped_count_stddev above {z / 2:.4g}, "
+                f"sample more clients per round, or use fixed clipping.")

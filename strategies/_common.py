@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
+import torch
+
+from fedlt.api.server import NUM_EXAMPLES
 from fedlt.config import ConfigError
 from fedlt.models import head_name
 
@@ -21,3 +25,33 @@ def require_linear_head(cfg: dict, why: str) -> None:
     if head != "linear":
         raise ConfigError(f"invalid combination strategy={cfg['strategy']['name']} with model.head={head}: {why}, so "
                           f"model.head is not selectable; leave model.head=linear (the default).")
+
+
+# ------------------------------------------------------------------------- replies (SCAFFOLD, FedDyn, FedProto)
+def pop_uploads(replies, prefix: str) -> list[dict]:
+    """Remove the arrays whose key starts with ``prefix`` (a strategy's ``ctx.uploads``) from every reply, so that
+    averaging sees only model arrays; return them per reply (in reply order) as {key without prefix: tensor}."""
+    out = []
+    for r in replies:
+        rec = r.content["arrays"]
+        keys = [k for k in rec.keys() if k.startswith(prefix)]
+        out.append({k[len(prefix):]: torch.from_numpy(np.array(rec[k].numpy())) for k in keys})
+        for k in keys:
+            del rec[k]
+    return out
+
+
+def reply_weights(replies, weighting: str) -> list[float]:
+    """Averaging weights of the replies, summing to 1: ``uniform`` (1/|S|, the SCAFFOLD and FedDyn papers) or
+    ``samples`` (proportional to each reply's ``num-examples``, as FedAvg)."""
+    if weighting == "uniform":
+        return [1.0 / len(replies)] * len(replies)
+    n = [float(next(iter(r.content.metric_records.values()))[NUM_EXAMPLES]) for r in replies]
+    return [x / sum(n) for x in n]
+
+
+def weighted_mean(replies, weights: list[float]) -> dict:
+    """{key: sum_i weights[i] * array_i} over the keys of the replies' arrays, in float64 (numpy arrays)."""
+    recs = [r.content["arrays"] for r in replies]
+    return {k: sum(w * rec[k].numpy().astype(np.float64) for w, rec in zip(weights, recs, strict=True))
+            for k in recs[0].keys()}

@@ -68,6 +68,8 @@ def matching_distance(syn: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
 
 
 class CReFFClient(ClientAlgorithm):
+    extra_uploads = "per-class gradients of the classifier (CReFF's feature-matching input, ctx.uploads)"
+
     @staticmethod
     def build_model(base: nn.Module, cfg: dict) -> nn.Module:
         base.creff_head = copy.deepcopy(base.head).requires_grad_(False)  # set by the server, never trained here

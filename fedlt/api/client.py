@@ -66,10 +66,14 @@ class ClientAlgorithm:
       * ``predictors(ctx) -> {name: fn}`` -- the personalized model(s); the first is the primary one.
       * ``personal_prefixes`` / ``frozen_prefixes`` -- model state keys (by prefix) that stay on the client /
         come from the server once.
+      * ``extra_uploads`` -- what ``ctx.uploads`` carries, in words ("" = nothing besides the shared model
+        arrays). Client-level DP (``privacy=dp_central|dp_local``) clips and noises only the model update, so it
+        refuses algorithms that declare extra uploads, naming them.
     """
 
     personal_prefixes: tuple[str, ...] = ()
     frozen_prefixes: tuple[str, ...] = ()
+    extra_uploads: str = ""
 
     # ------------------------------------------------------------------ what travels (the one rule)
     @classmethod

@@ -1,14 +1,15 @@
 """Checkpoints and resume: everything a run needs to continue after round k exactly as if it had never stopped.
 
 A checkpoint (``<run_dir>/checkpoints/round-000k.pt``) holds: the global arrays, every client's persistent
-state (:mod:`fedlt.core.client_state`), the strategy's ``server_state()``, the round number, the metrics
-rows, failures and per-client detail logged so far, the elapsed time, and the driver's global RNG states (the
-algorithms' randomness is derived statelessly from (seed, purpose, round, client) -- see :mod:`fedlt.seeding` --
-and the driver's global generators are re-seeded from (seed, round) at the start of every round, so nothing
-random depends on history). It is written to a temporary file, fsync'ed and renamed into place (a kill at any
-moment leaves either the old or the new checkpoint, never half of one), loaded with
-``torch.load(weights_only=True)`` (no code from the file is executed: only tensors, numbers, strings and plain
-containers), and old ones are pruned to ``checkpoint.keep``.
+state (:mod:`fedlt.core.client_state`), the strategy's ``server_state()``, the privacy accountant's state (the
+inputs epsilon is recomputed from: noise multiplier, rounds, clipping norm, uploads per client; empty without
+DP), the round number, the metrics rows, failures and per-client detail logged so far, the elapsed time, and
+the driver's global RNG states (the algorithms' randomness is derived statelessly from (seed, purpose, round,
+client) -- see :mod:`fedlt.seeding` -- and the driver's global generators are re-seeded from (seed, round) at the
+start of every round, so nothing random depends on history). It is written to a temporary file, fsync'ed and
+renamed into place (a kill at any moment leaves either the old or the new checkpoint, never half of one), loaded
+with ``torch.load(weights_only=True)`` (no code from the file is executed: only tensors, numbers, strings and
+plain containers), and old ones are pruned to ``checkpoint.keep``.
 
 A checkpoint records a fingerprint of the configuration (minus :data:`RESUME_OVERRIDABLE`); resuming it under
 a different configuration is refused, naming the keys that differ.
@@ -61,6 +62,7 @@ class RunState:
     detail: dict = field(default_factory=dict)
     elapsed_s: float = 0.0
     rng: dict = field(default_factory=dict)
+    privacy: dict = field(default_factory=dict)  # fedlt.privacy.server.RunPrivacy.state_dict() (empty: no DP)
 
 
 def rng_state() -> dict:
@@ -196,7 +198,7 @@ def save(run_dir: Path, state: RunState, cfg: dict, keep: int) -> Path:
         "server_state": _encode(state.server_state, "server_state"),
         "rows": _encode(state.rows, "rows"), "failures": _encode(state.failures, "failures"),
         "detail": _encode(state.detail, "detail"), "elapsed_s": float(state.elapsed_s),
-        "rng": _encode(state.rng, "rng"),
+        "rng": _encode(state.rng, "rng"), "privacy": _encode(state.privacy, "privacy"),
     }
     tmp = d / f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}"
     try:
@@ -231,6 +233,7 @@ def load(path: Path) -> tuple[RunState, dict, str]:
             server_state=_decode(payload["server_state"]), rows=_decode(payload["rows"]),
             failures=_decode(payload["failures"]), detail=_decode(payload["detail"]),
             elapsed_s=float(payload["elapsed_s"]), rng=_decode(payload["rng"]),
+            privacy=_decode(payload.get("privacy", {})),
         )
         return state, _decode(payload["config"]), str(payload["config_sha"])
     except Exception as e:  # noqa: BLE001 -- any unreadable file is reported the same way

@@ -31,6 +31,8 @@ from fedlt.core.faults import act_out_fault
 from fedlt.core.model import build_run_model
 from fedlt.data.federated import ClientData, DataPlan, client_data
 from fedlt.eval.predict import absent_class_mask, apply_mask, local_eval_record, predict_logits
+from fedlt.privacy import enabled as privacy_enabled
+from fedlt.privacy.clipping import protect_update
 from fedlt.seeding import EVAL, INIT, TRAIN, derive_seed, torch_generator
 
 FROZEN = "fedlt.frozen"  # context.state record holding the frozen arrays a client received once
@@ -181,14 +183,20 @@ def train(rt: ClientRuntime, msg: Message, context: Context) -> Message:
     algo = rt.algorithm
     sd = rt.model.state_dict()
     shared = {k: v.detach().cpu().clone() for k, v in sd.items() if algo.is_shared(k)}
-    shared.update({k: v.detach().cpu().clone() for k, v in ctx.uploads.items()})
+    uploads = {k: v.detach().cpu().clone() for k, v in ctx.uploads.items()}
+    protected = {}
+    if privacy_enabled(rt.cfg):  # client-level DP: clip (and noise) the update; uploads never leave the client
+        protected = protect_update(rt.cfg, msg.content["arrays"], shared, uploads, msg.content["config"],
+                                   ctx.round, ctx.data.client_id)
+    else:
+        shared.update(uploads)
     if fault == "nan":
         for v in shared.values():
             if v.is_floating_point():
                 v.fill_(math.nan)
     personal = {k: v.detach().cpu().clone() for k, v in sd.items() if algo.is_personal(k)}
     record = {k: float(v) for k, v in metrics.items()}
-    record.update({"num-examples": ctx.data.num_train, "client-id": ctx.data.client_id})
+    record.update({"num-examples": ctx.data.num_train, "client-id": ctx.data.client_id, **protected})
     content = RecordDict({"arrays": ArrayRecord(shared), "metrics": MetricRecord(record)})
     keep = content if server_held(msg) else context.state  # see fedlt.core.client_state
     if personal:

@@ -28,6 +28,7 @@ class InProcessGrid(Grid):
 
     def __init__(self, handler: Callable[[Message, Context], Message], num_clients: int):
         self.handler = handler
+        claim_task_identity()
         self.contexts = {100 + i: Context(run_id=1, node_id=100 + i, node_config={"partition-id": i,
                                                                                  "num-partitions": num_clients},
                                           state=RecordDict(), run_config={}) for i in range(num_clients)}
@@ -60,6 +61,17 @@ class InProcessGrid(Grid):
                 out.append(Message(Error(code=0, reason=f"<class '{type(e).__module__}.{type(e).__name__}'>:"
                                                        f"<'{e}'>"), reply_to=m))
         return out
+
+
+def claim_task_identity(run_id: int = 1) -> None:
+    """Flower stamps every new Message with the process's task identity, which its own runtime sets for a
+    ServerApp; a process that runs the round loop itself (in-process grid) sets one unless it has one."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    try:
+        TaskIdentity.run_id  # noqa: B018 -- raises when unset
+    except RuntimeError:
+        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, 0
 
 
 def run_inprocess(cfg: dict, plan: DataPlan, server_cls: type[ServerAlgorithm], run_dir: Path | None = None,

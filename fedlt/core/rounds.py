@@ -31,6 +31,8 @@ from fedlt.core.failures import check_actors_alive, describe, is_backend_failure
 from fedlt.core.model import build_run_model
 from fedlt.data.federated import DataPlan, global_test
 from fedlt.eval.generic import GenericEvaluation
+from fedlt.privacy import CENTRAL
+from fedlt.privacy import enabled as privacy_enabled
 from fedlt.runlog import RunLogger, json_safe
 from fedlt.seeding import INIT, derive_seed
 
@@ -46,6 +48,7 @@ class RunOutcome:
     detail: dict = field(default_factory=dict)
     failures: list[dict] = field(default_factory=list)
     strategy: ServerAlgorithm | None = None
+    privacy: dict = field(default_factory=dict)  # fedlt.privacy.server.RunPrivacy.summary() (results.json)
     error: BaseException | None = None
     finished: bool = False
     last_round: int = 0  # the last completed round (a stopped run ends before num_rounds)
@@ -67,6 +70,7 @@ class Dispatch:
     def __init__(self, strategy: ServerAlgorithm, cfg: dict, actors: int = 1, hold_client_state: bool = True):
         self.strategy, self.cfg, self.actors = strategy, cfg, actors
         self.hold_client_state = hold_client_state  # False: clients keep their state in their own context
+        self.privacy = None  # a fedlt.privacy.server.RunPrivacy under client-level DP: it samples the clients
         self.node_of_client: dict[int, int] = {}
         self.client_of_node: dict[int, int] = {}
         self.has_frozen: set[int] = set()
@@ -105,7 +109,11 @@ class Dispatch:
 
     def train_messages(self, rnd: int, arrays: ArrayRecord) -> list[Message]:
         config = {"server-round": rnd, **self.strategy.train_config(rnd)}
-        clients = self.strategy.sample_clients(rnd)
+        if self.privacy is not None:  # sampling as the accountant assumes; the round's clipping norm
+            config.update(self.privacy.train_config())
+            clients = self.privacy.sample(rnd, self.strategy.sample_clients)
+        else:
+            clients = self.strategy.sample_clients(rnd)
         if not self.cfg["backend"].get("client_batching"):
             return [self.message(c, arrays, config, MessageType.TRAIN) for c in clients]
         out = []
@@ -165,6 +173,12 @@ def run_rounds(strategy: ServerAlgorithm, grid: Grid, cfg: dict, plan: DataPlan,
         strategy.load_server_state(state.server_state)
         outcome.rows, outcome.failures, outcome.detail = list(state.rows), list(state.failures), dict(state.detail)
         set_rng_state(state.rng)
+    privacy = None
+    if privacy_enabled(cfg):  # fedlt.privacy.server: the core's only privacy object; strategies never see it
+        from fedlt.privacy.server import RunPrivacy
+
+        privacy = RunPrivacy(cfg, state.privacy if state is not None else None)
+        dispatch.privacy = privacy
     test_x, test_y = global_test(plan)
     generic_eval = GenericEvaluation.for_run(cfg, plan, test_y)
     startup_timeout = float(cfg["backend"].get("startup_timeout_s") or timeout)
@@ -174,7 +188,8 @@ def run_rounds(strategy: ServerAlgorithm, grid: Grid, cfg: dict, plan: DataPlan,
     outcome.last_round = start
 
     def exchange(rnd: int, phase: str, sent: list[Message]) -> list[Message]:
-        ok, failures = dispatch.split_replies(sent, grid.send_and_receive(sent, timeout=timeout), timeout)
+        replies = grid.send_and_receive(sent, timeout=timeout) if sent else []  # Poisson sampling may pick none
+        ok, failures = dispatch.split_replies(sent, replies, timeout)
         for f in failures:
             f["round"], f["phase"] = rnd, phase
             log.warning("round %d: client %s failed in %s: %s", rnd, f["client"], phase, f["reason"])
@@ -186,6 +201,9 @@ def run_rounds(strategy: ServerAlgorithm, grid: Grid, cfg: dict, plan: DataPlan,
     for rnd in range(start + 1, int(cfg["num_rounds"]) + 1):
         if ckpt.stop_requested():  # before the first round: nothing new to save
             break
+        if privacy is not None and not privacy.affordable(rnd):  # e.g. resuming a run that spent its budget
+            privacy.budget_stop = True
+            break
         seed_round(seed, rnd)
         t0 = time.monotonic()
         failures_before = len(outcome.failures)
@@ -193,9 +211,16 @@ def run_rounds(strategy: ServerAlgorithm, grid: Grid, cfg: dict, plan: DataPlan,
         ok = exchange(rnd, "train", dispatch.train_messages(rnd, arrays))
         dispatch.client_states.collect(ok, client_of)
         row: dict = {"round": rnd}
-        if len(ok) >= min_clients:
-            arrays = strategy.after_aggregate(rnd, strategy.merge(arrays, strategy.aggregate(rnd, sent_arrays, ok)),
-                                              ok)
+        released = ok
+        if privacy is not None:
+            privacy.check_replies(ok, cfg["strategy"]["name"])
+            if privacy.mode == CENTRAL:  # the strategy sees one reply: sent + noised mean of clipped updates
+                released = privacy.noised_replies(rnd, sent_arrays, ok)
+        if len(released) >= min_clients:
+            arrays = strategy.after_aggregate(
+                rnd, strategy.merge(arrays, strategy.aggregate(rnd, sent_arrays, released)), released)
+            if privacy is not None:
+                arrays = privacy.postprocess(arrays)
         else:
             log.warning("round %d: %d usable updates < backend.min_clients_per_round=%d; global model unchanged",
                         rnd, len(ok), min_clients)
@@ -208,8 +233,18 @@ def run_rounds(strategy: ServerAlgorithm, grid: Grid, cfg: dict, plan: DataPlan,
             if metrics and all(key in m for m in metrics):
                 row[key] = sum(float(m[key]) for m in metrics)
         row["train/failures"] = len(outcome.failures) - failures_before
+        budget_stop = False
+        if privacy is not None:
+            privacy.account(rnd)
+            row.update(privacy.metrics())
+            budget_stop = rnd < int(cfg["num_rounds"]) and not privacy.affordable(rnd + 1)
+            if budget_stop:
+                privacy.budget_stop = True
+                log.warning("round %d: privacy budget target_epsilon=%s reached (epsilon %.4g; the next round would "
+                            "exceed it): evaluating, saving a checkpoint and ending the run", rnd,
+                            cfg["privacy"]["target_epsilon"], privacy.epsilon())
         logger.train_round(rnd, {k: v for k, v in row.items() if k != "round"} | {"time/train_s": time.monotonic() - t0})
-        if is_eval_round(rnd, cfg):
+        if is_eval_round(rnd, cfg) or budget_stop:
             model.load_state_dict(arrays.to_torch_state_dict(), strict=False)
             if strategy.frozen:
                 model.load_state_dict(strategy.frozen, strict=False)
@@ -231,13 +266,17 @@ def run_rounds(strategy: ServerAlgorithm, grid: Grid, cfg: dict, plan: DataPlan,
             logger.eval_round(row, outcome.detail)
             outcome.rows.append(row)
         stopping = ckpt.stop_requested()
-        if ckpt.due(rnd) or stopping:
+        if ckpt.due(rnd) or stopping or budget_stop:
             ckpt.save(RunState(round=rnd, arrays=arrays.to_torch_state_dict(),
                                clients=dispatch.client_states.state_dict(), server_state=strategy.server_state(),
                                rows=outcome.rows, failures=outcome.failures, detail=outcome.detail,
-                               elapsed_s=elapsed_before + time.monotonic() - t_run, rng=rng_state()))
+                               elapsed_s=elapsed_before + time.monotonic() - t_run, rng=rng_state(),
+                               privacy=privacy.state_dict() if privacy is not None else {}))
         outcome.last_round = rnd
-        if stopping:
+        if stopping or budget_stop:
             break
     outcome.final_arrays = arrays
     outcome.finished = outcome.last_round == int(cfg["num_rounds"])
+    if privacy is not None:
+        outcome.privacy = privacy.summary()
+        outcome.finished = outcome.finished or privacy.budget_stop  # a spent budget ends the run as planned

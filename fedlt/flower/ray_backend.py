@@ -24,7 +24,6 @@ import sys
 import threading
 from contextlib import contextmanager
 
-LOOPBACK = "127.0.0.1"
 _HOST_PORT = re.compile(r"^(?:ray://)?(\[[0-9A-Fa-f:]+\]|[A-Za-z0-9_.\-]+):(\d{1,5})$")
 
 
@@ -101,23 +100,22 @@ def check_reachable(cfg: dict, init_args: dict) -> None:
 
 
 def local_only_args(init_args: dict) -> dict:
-    """A private Ray instance for one simulation is reachable from this machine only: every Ray server (GCS,
-    raylet, object manager, workers' gRPC ports, agents) binds the loopback address, and Ray's token
-    authentication is switched on with a random token made for this run (``RAY_AUTH_TOKEN`` in this process's
-    environment, inherited by the Ray processes it starts; other users cannot read it), so no other process
-    on the network -- and no other local process without the token -- can submit work as this user. A cluster (``backend.address``) is secured where it is started: see README "Running on a Ray
-    cluster"."""
-    if "_node_ip_address" not in init_args:
-        if os.environ.get("RAY_AUTH_MODE", "token") == "token":
-            os.environ["RAY_AUTH_MODE"] = "token"
-            if not os.environ.get("RAY_AUTH_TOKEN") and not os.environ.get("RAY_AUTH_TOKEN_PATH"):
-                os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
-            if "ray" in sys.modules:  # Ray reads the mode and token when it is imported: make it read them again
-                from ray._raylet import AuthenticationTokenLoader, Config
+    """A private Ray instance for one simulation accepts only this run's processes: Ray's token authentication
+    is switched on with a random token made for this run (``RAY_AUTH_TOKEN`` in this process's environment,
+    inherited by the Ray processes it starts; other users cannot read it), so no other process -- on the network
+    or on this machine -- can submit work to it. (Ray 2.55 binds its gRPC servers to every interface and maps a
+    loopback node address back to the machine's address, so binding cannot be narrowed from here; README
+    "Running on a Ray cluster" says how to firewall, and how a cluster is secured where it is started.) A token
+    or mode the user set already is respected. Returns extra ``ray.init`` arguments (none)."""
+    if os.environ.get("RAY_AUTH_MODE", "token") == "token":
+        os.environ["RAY_AUTH_MODE"] = "token"
+        if not os.environ.get("RAY_AUTH_TOKEN") and not os.environ.get("RAY_AUTH_TOKEN_PATH"):
+            os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+        if "ray" in sys.modules:  # Ray reads the mode and token when it is imported: make it read them again
+            from ray._raylet import AuthenticationTokenLoader, Config
 
-                Config.initialize("")
-                AuthenticationTokenLoader.instance().reset_cache()
-        return {"_node_ip_address": LOOPBACK}
+            Config.initialize("")
+            AuthenticationTokenLoader.instance().reset_cache()
     return {}
 
 

@@ -1,0 +1,254 @@
+"""The server's half of client-level DP: sampling that matches the accountant, the noised aggregate, adaptive
+clipping, the accountant's state, the budget, and the ``privacy/*`` metrics. The round loop
+(:func:`fedlt.core.rounds.run_rounds`) builds one :class:`RunPrivacy` when ``privacy`` is not ``none`` and calls
+it at fixed points; strategies never see it.
+
+**dp_central** (DP-FedAvg, McMahan et al. 2018, "Learning Differentially Private Recurrent Language Models"):
+
+* sampling: ``poisson`` draws each client independently with probability q = participation from a stream
+  seeded by (seed, round); ``fixed`` keeps the uniform sample of m = max(int(qN), 1) clients without replacement.
+* the server re-clips every received update to C in float64 (the client already clipped it; re-clipping makes
+  the sensitivity of the sum exactly C whatever the client or float32 rounding did), sums the clipped updates
+  with equal weight (sample counts would be unprotected weights), adds N(0, (z_delta*C)^2) to every entry of the
+  sum from a stream seeded by (seed, round), and divides by the EXPECTED number of clients, qN (poisson) or m
+  (fixed) -- the fixed-denominator estimator of the paper, whose sensitivity does not depend on who took part.
+* the strategy then sees exactly one reply, sent + noised mean update, weighted 1: ``aggregate`` and
+  ``after_aggregate`` are post-processing of the released aggregate (FedAvg returns it as is, FedAdam/FedAvgM
+  take their server step on it). The mechanism runs every round, even when no client was sampled or every reply
+  failed (a skipped release would depend on who was sampled), so ``backend.min_clients_per_round`` must be 1.
+* adaptive clipping (Andrew et al. 2021, "Differentially Private Learning with Adaptive Clipping"; the same rule
+  as TensorFlow Privacy's ``QuantileAdaptiveClipSumQuery``): each client reports b = 1[norm <= C]; the server
+  releases b_bar = (sum(b - 1/2) + N(0, sigma_b^2)) / expected + 1/2 (clamped to [0, 1]) and sets
+  C <- C * exp(-eta_C * (b_bar - gamma)). The update noise multiplier z_delta = (z^-2 - (2 sigma_b)^-2)^(-1/2)
+  makes both releases together one Gaussian mechanism of multiplier z, the z the accountant composes.
+* budget: with ``target_epsilon``, ``on_budget=calibrate`` picks z before round 1 so that ``num_rounds`` rounds
+  spend at most the target; either way, a round is run only if the epsilon after it is within the budget, and a
+  run whose next round would exceed it ends after the current round (evaluated and checkpointed).
+
+**dp_local** (Flower's ``LocalDpMod``): the clients clip and noise (:mod:`fedlt.privacy.clipping`); the server
+aggregates as the strategy says and accounts, per client, the composition of its uploads; the reported epsilon
+is that of the client with the most uploads so far.
+
+Both: running variances that noise pushed below zero are clamped to 0 after aggregation (post-processing).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
+
+from fedlt.config import clients_per_round
+from fedlt.privacy import accounting
+from fedlt.privacy.clipping import CLIP_KEY, UNCLIPPED, WITHHELD, client_sensitivity, flat_norm
+from fedlt.privacy.params import CENTRAL, LOCAL
+from fedlt.seeding import PRIVACY, SAMPLE, numpy_rng, torch_generator
+
+NUM_EXAMPLES = "num-examples"  # the reply metric aggregation weights by (fedlt.api.server.NUM_EXAMPLES)
+UPDATE_NOISE, COUNT_NOISE = 0, 1  # stream keys of the server's two noise draws in a round
+
+
+class PrivacyBudgetError(RuntimeError):
+    """A run that cannot be run within its privacy budget, or a reply that breaks the protocol."""
+
+
+class RunPrivacy:
+    """One run's privacy state and steps (see the module docstring). ``state``: a checkpoint's
+    :meth:`state_dict` to continue from (the calibrated z is taken from it, not recomputed)."""
+
+    def __init__(self, cfg: dict, state: dict | None = None):
+        self.cfg = cfg
+        self.p = p = cfg["privacy"]
+        self.mode = p["name"]
+        self.seed = int(cfg["seed"])
+        self.num_clients = n = int(cfg["num_clients"])
+        self.num_rounds = int(cfg["num_rounds"])
+        self.sample_size = clients_per_round(n, cfg["participation"])
+        self.delta = float(p["delta"])
+        self.kind = str(p["accountant"])
+        self.target = p.get("target_epsilon")
+        if self.mode == CENTRAL:
+            self.sampling = str(p["sampling"])
+            self.q = float(cfg["participation"]) if self.sampling == accounting.POISSON else self.sample_size / n
+            self.expected = self.q * n if self.sampling == accounting.POISSON else float(self.sample_size)
+            self.adaptive = bool(p["adaptive_clipping"])
+            self.count_stddev = (float(p["clipped_count_stddev"]) if p.get("clipped_count_stddev") is not None
+                                 else self.expected / 20)
+        else:
+            self.sampling, self.q, self.expected, self.adaptive = "strategy", None, float(self.sample_size), False
+            self.local_std = accounting.local_noise_std(client_sensitivity(p), float(p["epsilon"]), self.delta)
+            self.local_multiplier = self.local_std / client_sensitivity(p)
+        # state (checkpointed)
+        self.rounds = 0  # rounds accounted
+        self.clip = float(p["clip_norm"])  # C of the next round
+        self.round_clip = self.clip  # C used in the round being run
+        self.z = float(p.get("noise_multiplier", 0.0))
+        self.calibrated = False
+        self.uploads: dict[int, int] = {}  # dp_local: client id -> uploads so far
+        self.unclipped_fraction: float | None = None
+        self.budget_stop = False
+        if state:
+            self.load_state_dict(state)
+        elif self.mode == CENTRAL and self.target is not None and p["on_budget"] == "calibrate":
+            self.z = accounting.calibrate_noise(float(self.target), self.num_rounds, self.delta, self.sampling,
+                                                self.num_clients, self.sample_size, self.q or 0.0, self.kind)
+            self.calibrated = True
+        self.update_multiplier = (accounting.adaptive_update_multiplier(self.z, self.count_stddev) if self.adaptive
+                                  else self.z)
+
+    # ------------------------------------------------------------------------------------ sampling
+    def sample(self, rnd: int, strategy_sample) -> list[int]:
+        """The clients of round ``rnd``: Poisson (dp_central, sampling=poisson) or the strategy's uniform sample
+        of m clients without replacement."""
+        if self.mode == CENTRAL and self.sampling == accounting.POISSON:
+            rng = numpy_rng(self.seed, SAMPLE, rnd)
+            clients = [int(c) for c in (rng.random(self.num_clients) < self.q).nonzero()[0]]
+        else:
+            clients = list(strategy_sample(rnd))
+        if self.mode == LOCAL:
+            for c in clients:
+                self.uploads[c] = self.uploads.get(c, 0) + 1  # counted when asked: a lost reply is still counted
+        return clients
+
+    def train_config(self) -> dict:
+        self.round_clip = self.clip
+        return {CLIP_KEY: self.clip}
+
+    # ------------------------------------------------------------------------------------ replies
+    @staticmethod
+    def check_replies(replies: list[Message], strategy_name: str) -> None:
+        """A client whose algorithm tried to upload arrays besides its model update (``ctx.uploads``) had them
+        withheld; the run stops here, because the algorithm cannot work without them."""
+        for r in replies:
+            m = next(iter(r.content.metric_records.values()))
+            if float(m.get(WITHHELD, 0)) > 0:
+                raise PrivacyBudgetError(
+                    f"privacy: the clients of strategy={strategy_name} upload arrays besides their model update "
+                    f"(ctx.uploads), which client-level DP neither clips nor noises; they were withheld. Declare "
+                    f"them in the client class's `extra_uploads` (the run is then refused before it starts) or run "
+                    f"with privacy=none.")
+
+    def noised_replies(self, rnd: int, sent: ArrayRecord, replies: list[Message]) -> list[Message]:
+        """dp_central: the one reply the strategy aggregates -- sent + (sum of clipped updates + noise) / expected
+        clients (module docstring); also the adaptive clipping step."""
+        start = {k: torch.from_numpy(a.numpy()) for k, a in sent.items()}
+        floats = [k for k, v in start.items() if v.is_floating_point()]
+        total = {k: torch.zeros(start[k].shape, dtype=torch.float64) for k in floats}
+        below = 0.0
+        for r in replies:
+            got = r.content["arrays"]
+            extra = sorted(set(got.keys()) - set(start))
+            if extra:
+                raise PrivacyBudgetError(f"privacy: a reply carries arrays that are not model arrays ({extra[:3]}); "
+                                         f"they would be released without protection")
+            update = {k: torch.from_numpy(got[k].numpy()).double() - start[k].double() for k in floats if k in got}
+            norm = flat_norm(update.values())
+            scale = min(1.0, self.round_clip / norm) if norm > 0 else 1.0
+            for k, u in update.items():
+                total[k] += u * scale
+            below += float(next(iter(r.content.metric_records.values())).get(UNCLIPPED, 1.0)) - 0.5
+        g = torch_generator(self.seed, PRIVACY, rnd, UPDATE_NOISE)
+        std = self.update_multiplier * self.round_clip
+        out = {}
+        for k, v in start.items():
+            if k in total:
+                if std > 0:
+                    total[k] += torch.normal(0.0, std, v.shape, generator=g, dtype=torch.float64)
+                out[k] = Array((v.double() + total[k] / self.expected).to(v.dtype).numpy())
+            else:
+                out[k] = Array(v.numpy().copy())
+        if self.adaptive:
+            noise = (torch.normal(0.0, self.count_stddev, (1,), generator=torch_generator(
+                self.seed, PRIVACY, rnd, COUNT_NOISE), dtype=torch.float64).item() if self.z > 0 else 0.0)
+            frac = min(1.0, max(0.0, (below + noise) / self.expected + 0.5))
+            self.unclipped_fraction = frac
+            self.clip = self.round_clip * math.exp(-float(self.p["clip_learning_rate"])
+                                                   * (frac - float(self.p["target_unclipped_quantile"])))
+        content = RecordDict({"arrays": ArrayRecord(out),
+                              "metrics": MetricRecord({NUM_EXAMPLES: 1, "client-id": -1})})
+        return [Message(content=content, dst_node_id=0, message_type=MessageType.TRAIN)]
+
+    @staticmethod
+    def postprocess(arrays: ArrayRecord) -> ArrayRecord:
+        """Running variances that the noise pushed below zero are clamped to 0 (post-processing: no privacy
+        cost; a negative variance would make BatchNorm's evaluation NaN)."""
+        bad = [k for k, a in arrays.items() if k.endswith("running_var") and (a.numpy() < 0).any()]
+        if not bad:
+            return arrays
+        return ArrayRecord({k: Array(a.numpy().clip(min=0).astype(a.numpy().dtype)) if k in bad else a
+                            for k, a in arrays.items()})
+
+    # ------------------------------------------------------------------------------------ accounting
+    def account(self, rnd: int) -> None:
+        """Round ``rnd`` ran (its sample was drawn and its aggregate released)."""
+        self.rounds = rnd
+
+    def epsilon(self, rounds: int | None = None) -> float:
+        rounds = self.rounds if rounds is None else rounds
+        if self.mode == CENTRAL:
+            return accounting.central_epsilon(self.z, rounds, self.delta, self.sampling, self.num_clients,
+                                              self.sample_size, self.q, self.kind)
+        return accounting.local_epsilon(self.local_multiplier, max(self.uploads.values(), default=0), self.delta,
+                                        self.kind)
+
+    def affordable(self, rnd: int) -> bool:
+        """Whether round ``rnd`` can run within the budget (always, without target_epsilon or under dp_local)."""
+        if self.mode != CENTRAL or self.target is None:
+            return True
+        return self.epsilon(rnd) <= float(self.target)
+
+    def metrics(self) -> dict:
+        """The ``privacy/*`` values of the round just accounted (train and evaluation rows)."""
+        out = {"privacy/epsilon": self.epsilon(), "privacy/delta": self.delta,
+               "privacy/clip_norm": self.round_clip}
+        if self.mode == CENTRAL:
+            out["privacy/noise_multiplier"] = self.z
+            if self.adaptive:
+                out["privacy/update_noise_multiplier"] = self.update_multiplier
+                out["privacy/unclipped_fraction"] = self.unclipped_fraction
+        else:
+            out["privacy/noise_multiplier"] = self.local_multiplier
+            out["privacy/noise_std"] = self.local_std
+            out["privacy/max_uploads"] = max(self.uploads.values(), default=0)
+        return out
+
+    def summary(self) -> dict:
+        """What results.json records about the run's privacy."""
+        out = {"mode": self.mode, "epsilon": self.epsilon(), "delta": self.delta, "accountant": self.kind,
+               "rounds_accounted": self.rounds, "clip_norm": self.round_clip}
+        if self.mode == CENTRAL:
+            out.update({
+                "sampling": self.sampling,
+                "neighbouring_relation": ("add/remove one client" if self.sampling == accounting.POISSON
+                                          else "replace one client"),
+                "sampling_probability": self.q, "expected_clients_per_round": self.expected,
+                "noise_multiplier": self.z, "noise_calibrated": self.calibrated,
+                "target_epsilon": self.target, "on_budget": self.p["on_budget"],
+                "stopped_on_budget": self.budget_stop, "adaptive_clipping": self.adaptive,
+                "unit": "client (user-level DP: one client's whole update per round)",
+            })
+            if self.adaptive:
+                out.update({"update_noise_multiplier": self.update_multiplier,
+                            "clipped_count_stddev": self.count_stddev, "next_clip_norm": self.clip})
+        else:
+            out.update({"epsilon_per_upload": float(self.p["epsilon"]), "noise_std": self.local_std,
+                        "sensitivity": client_sensitivity(self.p), "noise_multiplier": self.local_multiplier,
+                        "max_uploads_per_client": max(self.uploads.values(), default=0),
+                        "epsilon_is_for": "the client with the most uploads (composition of its uploads)"})
+        return out
+
+    # ------------------------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        return {"rounds": self.rounds, "clip": self.clip, "round_clip": self.round_clip, "z": self.z,
+                "calibrated": self.calibrated, "uploads": {int(c): int(k) for c, k in self.uploads.items()},
+                "unclipped_fraction": self.unclipped_fraction, "budget_stop": self.budget_stop,
+                "summary": self.summary()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rounds = int(state["rounds"])
+        self.clip, self.round_clip = float(state["clip"]), float(state["round_clip"])
+        self.z, self.calibrated = float(state["z"]), bool(state["calibrated"])
+        self.uploads = {int(c): int(k) for c, k in state["uploads"].items()}
+        self.unclipped_fraction = state.get("unclipped_fraction")
+        self.budget_stop = bool(state.get("budget_stop", False))

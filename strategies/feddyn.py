@@ -1,0 +1,137 @@
+"""FedDyn (Acar et al., ICLR 2021, "Federated Learning Based on Dynamic Regularization"): each client's objective
+is dynamically regularised so that the local and global stationary points agree.
+
+* Client i, with the received server model theta and its state lambda_i (``ctx.state``; zeros at first), minimises
+  L_i(w) - <grad L_i(theta_i^{t-1}), w> + alpha/2 ||w - theta||^2 with grad L_i(theta_i^{t-1}) = -alpha lambda_i,
+  i.e. per batch ``loss(w) + alpha <w, lambda_i - theta>`` with the gradient clipped to ``max_grad_norm`` and
+  alpha/2 ||w||^2 as SGD weight decay (added to ``optimizer.weight_decay``), exactly as the official code. Then
+  lambda_i <- lambda_i + (theta_i - theta): the paper's first-order condition, grad L_i(theta_i^t) =
+  grad L_i(theta_i^{t-1}) - alpha (theta_i^t - theta).
+* Server state h (saved in checkpoints): h <- h - alpha/m * sum_{i in P_t} (theta_i^t - theta^{t-1}) over the
+  accepted replies, m = ``num_clients``; then theta^t = mean_{i in P_t} theta_i^t - h / alpha (unweighted mean).
+  BatchNorm buffers (statistics, not parameters) are plain unweighted averages.
+
+Checked against the official code, alpemreacar/FedDyn at commit 48a19fac440ef079ce563da8e0c2896f8256fef9:
+``utils_methods.py`` ``train_FedDyn`` (server: ``local_param_list[clnt] += curr - cld``, ``cld = mean(selected
+client params) + mean(local_param_list over all clients)`` -- the same as the paper's h with h = -alpha *
+mean(lambda)) and ``utils_general.py`` ``train_feddyn_mdl`` (client loss ``CE + alpha * sum(w * (-cld +
+lambda))``, SGD weight decay ``alpha + weight_decay``, ``clip_grad_norm_(max_norm=10)``). Defaults are the
+official ones: ``alpha`` 0.01 (``example_cifar_10.py``; FL-bench uses 0.1), ``max_grad_norm`` 10, and the
+official "adaptive alpha" ``alpha_i = alpha / (n_i / mean_j n_j)`` (``adaptive_alpha: true``): a client with more
+data than average is regularised less. The server formula does not involve alpha_i (as officially).
+
+Deviations: the official code applies FedDyn to ``model.parameters()`` of models without BatchNorm; here BatchNorm
+buffers are averaged as in FedAvg. The mean client size for the adaptive alpha is read by the client from the
+run's split (one public scalar, what the official simulator computes centrally; a deployment would broadcast
+it); with ``adaptive_alpha: false`` alpha_i = alpha. Uploads besides weights: none (the server derives theta_i -
+theta from the uploaded weights); the client's lambda_i never leaves it.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, Message
+
+from fedlt.api.client import ClientContext
+from fedlt.config import param
+from fedlt.data.federated import FederatedSplit
+from fedlt.train.local import run_local_epochs, sgd
+from strategies._common import reply_weights, weighted_mean
+from strategies.fedavg import FedAvgClient, FedAvgParams
+from strategies.fedavg import Server as FedAvgServer
+
+LAMBDA = "feddyn.lambda."  # the client's accumulated drift sum(theta_i - theta) (ctx.state); grad L_i = -alpha_i lambda_i
+
+
+@functools.lru_cache(maxsize=8)
+def mean_client_size(split_path: str) -> float:
+    """Mean training-set size over all clients of the run's split (the official ``weight_list`` normaliser)."""
+    split = FederatedSplit.load(split_path)
+    return float(np.asarray(split.class_counts).sum()) / len(split.client_train)
+
+
+def client_alpha(ctx: ClientContext) -> float:
+    """alpha_i: ``alpha`` scaled by mean client size / this client's size when ``adaptive_alpha`` (official)."""
+    alpha = float(ctx.strategy["alpha"])
+    if not ctx.strategy["adaptive_alpha"]:
+        return alpha
+    return alpha * mean_client_size(ctx.data.plan.split_path) / max(ctx.data.num_train, 1)
+
+
+def trainable(model: torch.nn.Module, is_shared) -> dict[str, torch.nn.Parameter]:
+    return {k: p for k, p in model.named_parameters() if p.requires_grad and is_shared(k)}
+
+
+class FedDynClient(FedAvgClient):
+    def train(self, ctx: ClientContext) -> dict[str, float]:
+        model = ctx.model.train()
+        params = trainable(model, self.is_shared)
+        theta = {k: p.detach().clone() for k, p in params.items()}  # the received server model
+        lam = {k: ctx.state.get(LAMBDA + k, torch.zeros_like(p)).to(p.device) for k, p in params.items()}
+        linear = {k: lam[k] - theta[k] for k in params}  # alpha_i <w, lambda_i - theta>
+        alpha = client_alpha(ctx)
+        opt_cfg = dict(ctx.cfg["optimizer"])
+        opt_cfg["weight_decay"] = float(opt_cfg.get("weight_decay", 0.0)) + alpha  # alpha_i/2 ||w||^2
+        opt = sgd(list(params.values()), opt_cfg)
+        max_norm = float(ctx.strategy["max_grad_norm"])
+        loss_fn = self.loss_fn(ctx)
+
+        def step(x: torch.Tensor, y: torch.Tensor) -> float:
+            opt.zero_grad(set_to_none=True)
+            task = loss_fn(model(x), y)
+            (task + alpha * sum((p * linear[k]).sum() for k, p in params.items())).backward()
+            torch.nn.utils.clip_grad_norm_(list(params.values()), max_norm=max_norm)
+            opt.step()
+            return task.detach().item()  # train/loss: the task loss (the linear term has no scale of its own)
+
+        metrics = run_local_epochs(ctx.data, int(ctx.cfg["local_epochs"]), int(ctx.cfg["batch_size"]), ctx.generator,
+                                   step, ctx.device)
+        for k, p in params.items():
+            ctx.state[LAMBDA + k] = (lam[k] + p.detach() - theta[k]).cpu()
+        return metrics
+
+
+@dataclass(frozen=True)
+class Params(FedAvgParams):
+    alpha: float = param(0.01, "regularisation alpha (official CIFAR-10 example: 1e-2)", lo=0.0, lo_open=True)
+    adaptive_alpha: bool = param(True, "official: alpha_i = alpha * mean client size / n_i; false: alpha for all")
+    max_grad_norm: float = param(10.0, "client gradient clipping norm (official max_norm 10)", lo=0.0, lo_open=True)
+
+
+class Server(FedAvgServer):
+    client_cls = FedDynClient
+    params = Params
+
+    def __init__(self, cfg: dict):
+        super().__init__(cfg)
+        self.h: dict[str, torch.Tensor] = {}
+
+    def initial_arrays(self, model: torch.nn.Module) -> ArrayRecord:
+        self.h = {k: torch.zeros_like(p.detach()) for k, p in trainable(model, self.client_cls.is_shared).items()}
+        return super().initial_arrays(model)
+
+    def aggregate(self, server_round: int, sent: ArrayRecord, replies: list[Message]) -> ArrayRecord | None:
+        if not replies:
+            return None
+        alpha, m = float(self.cfg["strategy"]["alpha"]), int(self.cfg["num_clients"])
+        mean = weighted_mean(replies, reply_weights(replies, "uniform"))
+        out = {}
+        for k, avg in mean.items():
+            if k in self.h:
+                x = sent[k].numpy().astype(np.float64)
+                drift = sum(r.content["arrays"][k].numpy().astype(np.float64) - x for r in replies)
+                self.h[k] = (self.h[k].double() - alpha / m * torch.from_numpy(drift)).to(self.h[k].dtype)
+                avg = avg - self.h[k].double().numpy() / alpha
+            out[k] = Array(np.asarray(avg, dtype=np.float64))  # merge() restores each array's dtype
+        return ArrayRecord(out)
+
+    def server_state(self) -> dict:
+        return {"h": {k: v.clone() for k, v in self.h.items()}}
+
+    def load_server_state(self, state: dict) -> None:
+        if "h" in state:
+            self.h = {k: torch.as_tensor(v).clone() for k, v in state["h"].items()}

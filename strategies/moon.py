@@ -1,0 +1,133 @@
+"""MOON (Li, He & Song, CVPR 2021, "Model-Contrastive Federated Learning"): FedAvg whose local loss adds a
+model-contrastive term pulling the local representation towards the global model's and away from the client's
+previous local model's.
+
+Per local batch, with z = the local model's representation, z_glob = the received global model's and z_prev = the
+client's previous local model's (both frozen, in eval mode, as officially):
+``loss(head(z), y) + mu * CE([cos(z, z_glob), cos(z, z_prev)] / temperature, 0)``, i.e.
+-log(exp(cos(z, z_glob)/T) / (exp(cos(z, z_glob)/T) + exp(cos(z, z_prev)/T))), averaged over the batch. The
+previous local model is the client's own model at the end of its last training round, kept in its state
+(``ctx.state``, ``moon.prev.*``: a full model copy per client, checkpointed). A client training for the first time
+has no previous model: its logits row is [cos(z, z_glob)] alone and the term is 0, as in the official code's first
+round (its model pool starts empty). Aggregation: sample-weighted FedAvg (official ``fed_avg_freqs``).
+
+The network (official ``ModelFedCon``): backbone -> projection head Linear(d, d), ReLU, Linear(d, out) -> the
+configured head on the projection; z is the projection. ``projection_dim: 0`` drops the projection head and
+contrasts the backbone features under the run's usual head (as FL-bench and PFLlib do).
+
+Checked against the official code, QinbinLi/MOON at commit 8fcba3c4efc9a47eb24687a91ba94cfb2005103f:
+``main.py`` ``train_net_fedcon`` (the loss) and the ``moon`` branch of ``__main__`` (global model and model pool
+in eval mode, FIFO pool of previous local models, weighted averaging), ``model.py`` ``ModelFedCon``. Defaults are
+the official ones for CIFAR-10: ``mu`` 5 (README example and paper for CIFAR-10; ``main.py``'s argparse default is
+1, the paper's CIFAR-100 / Tiny-ImageNet value), ``temperature`` 0.5, ``projection_dim`` 256 (``out_dim``).
+
+Deviations: only ``model_buffer_size = 1`` (the official default and the paper's main setting; one previous model,
+not a pool of several); a client never sampled before contributes no negative (officially, with partial
+participation, it would contrast against its untrained initial network from round 2 on). Uploads besides
+weights: none.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedlt.api.client import ClientContext
+from fedlt.config import param
+from fedlt.models import build_head, head_name
+from fedlt.train.local import run_local_epochs, sgd
+from strategies.fedavg import FedAvgClient, FedAvgParams
+from strategies.fedavg import Server as FedAvgServer
+
+PREV = "moon.prev."  # the client's previous local model (ctx.state)
+
+
+class ProjectedClassifier(nn.Module):
+    """backbone -> projection head -> head; ``features(x)`` is the projection (MOON's representation)."""
+
+    def __init__(self, base: nn.Module, out_dim: int, head: str):
+        super().__init__()
+        d = int(base.feature_dim)
+        self.backbone = base.backbone
+        self.projection = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, out_dim))
+        self.head = build_head(head, out_dim, int(base.num_classes))
+        self.feature_dim, self.num_classes = out_dim, int(base.num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projection(self.backbone(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def contrastive_loss(z: torch.Tensor, z_glob: torch.Tensor, z_prev: torch.Tensor | None,
+                     temperature: float) -> torch.Tensor:
+    """MOON's model-contrastive loss, mean over the batch: the global representation is the positive, the previous
+    local one (if any) the negative."""
+    logits = [F.cosine_similarity(z, z_glob, dim=-1)]
+    if z_prev is not None:
+        logits.append(F.cosine_similarity(z, z_prev, dim=-1))
+    logits = torch.stack(logits, dim=1) / temperature
+    return F.cross_entropy(logits, torch.zeros(len(z), dtype=torch.long, device=z.device))
+
+
+def frozen_copy(model: nn.Module, state: dict | None = None) -> nn.Module:
+    other = copy.deepcopy(model)
+    if state is not None:
+        other.load_state_dict(state)
+    return other.eval().requires_grad_(False)
+
+
+class MOONClient(FedAvgClient):
+    @staticmethod
+    def build_model(base: nn.Module, cfg: dict) -> nn.Module:
+        dim = int(cfg["strategy"]["projection_dim"])
+        return ProjectedClassifier(base, dim, head_name(cfg.get("model"))) if dim > 0 else base
+
+    def train(self, ctx: ClientContext) -> dict[str, float]:
+        s = ctx.strategy
+        mu, temperature = float(s["mu"]), float(s["temperature"])
+        model = ctx.model.train()
+        glob = frozen_copy(model)  # the received global model
+        saved = {k[len(PREV):]: v for k, v in ctx.state.items() if k.startswith(PREV)}
+        prev = frozen_copy(model, saved) if saved else None
+        opt = sgd([p for p in model.parameters() if p.requires_grad], ctx.cfg["optimizer"])
+        loss_fn = self.loss_fn(ctx)
+        con_total = [0.0]
+
+        def step(x: torch.Tensor, y: torch.Tensor) -> float:
+            opt.zero_grad(set_to_none=True)
+            z = model.features(x)
+            loss = loss_fn(model.head(z), y)
+            with torch.no_grad():
+                z_glob = glob.features(x)
+                z_prev = prev.features(x) if prev is not None else None
+            con = contrastive_loss(z, z_glob, z_prev, temperature)
+            loss = loss + mu * con
+            loss.backward()
+            opt.step()
+            con_total[0] += con.detach().item()
+            return loss.detach().item()
+
+        metrics = run_local_epochs(ctx.data, int(ctx.cfg["local_epochs"]), int(ctx.cfg["batch_size"]), ctx.generator,
+                                   step, ctx.device)
+        ctx.state.clear()
+        ctx.state.update({PREV + k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+        return {**metrics, "train/contrastive_loss": con_total[0] / max(metrics["train/steps"], 1.0)}
+
+
+@dataclass(frozen=True)
+class Params(FedAvgParams):
+    mu: float = param(5.0, "weight of the model-contrastive term (official CIFAR-10: 5; CIFAR-100: 1)", lo=0.0)
+    temperature: float = param(0.5, "temperature of the contrastive logits (official 0.5)", lo=0.0, lo_open=True)
+    projection_dim: int = param(256, "output width of the projection head (official out_dim 256); 0 = no "
+                                     "projection head, contrast the backbone features", lo=0)
+
+
+class Server(FedAvgServer):
+    client_cls = MOONClient
+    params = Params

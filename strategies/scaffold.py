@@ -1,0 +1,136 @@
+"""SCAFFOLD (Karimireddy et al., ICML 2020, "SCAFFOLD: Stochastic Controlled Averaging for Federated Learning"),
+Algorithm 1 with option II: control variates correct the client drift.
+
+* Server state: the server control variate c (one tensor per trainable parameter, zeros at first), sent every
+  round with the global model (``round_arrays``: ``scaffold.c.<key>``) and saved in checkpoints.
+* Client state: its control variate c_i (``ctx.state``, zeros until its first training round).
+* Local step: every SGD step uses the corrected gradient g(y) - c_i + c (added to the gradient before the
+  optimizer, so momentum / weight decay from ``optimizer.*`` apply as to a plain gradient).
+* After K local steps (lr eta_l): option II, c_i+ = c_i - c + (x - y_i) / (K eta_l); the client keeps c_i+ and
+  uploads dc_i = c_i+ - c_i (``scaffold.dc.<key>``, removed by the server before averaging).
+* Server: x <- x + eta_g * mean_i (y_i - x) over the accepted replies; c <- c + (1/N) sum_i dc_i with N =
+  ``num_clients``. BatchNorm buffers (statistics, not parameters) are plain averages with the same weights.
+
+There is no official code by the paper's authors. Checked against FL-bench (KarhouTam/FL-bench at commit
+06e658bca5af6ce732e25bb7c0f8be321e14a85e, ``src/client/scaffold.py``, ``src/server/scaffold.py``), PFLlib
+(TsingZ0/PFLlib at d832e76f6a23b833038949ec1e4fdefe63a4d350, ``system/flcore/clients/clientscaffold.py``,
+``system/flcore/servers/serverscaffold.py``) and the SCAFFOLD baseline in FedDyn's code (alpemreacar/FedDyn at
+48a19fac440ef079ce563da8e0c2896f8256fef9, ``utils_methods.py`` ``train_SCAFFOLD``): all three use option II, the
+correction c - c_i on the gradient, an unweighted mean of the client models and c += sum(dc_i) / N. Defaults:
+``server_lr`` 1 (FL-bench ``global_lr``, PFLlib ``server_learning_rate``, FedDyn's ``global_learning_rate``),
+``weighting: uniform`` (the paper's 1/|S| mean, as all three).
+
+Deviations: K counts the steps the client actually took (``train/steps``; a trailing one-image batch is skipped),
+not a nominal K; with momentum in ``optimizer.*`` option II's (x - y_i) / (K eta_l) is no longer the mean
+gradient (FL-bench applies it the same way); ``weighting: samples`` (not in the paper) weights the model
+average by sample count, so that SCAFFOLD with zero control variates is exactly fedlt's FedAvg (c's update stays
+the paper's). Uploads besides weights: dc_i, one tensor per trainable parameter (as large as the model); the
+server's c travels to every client every round.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, Message
+
+from fedlt.api.client import ClientContext
+from fedlt.config import param
+from fedlt.train.local import run_local_epochs, sgd
+from strategies._common import pop_uploads, reply_weights, weighted_mean
+from strategies.fedavg import FedAvgClient, FedAvgParams
+from strategies.fedavg import Server as FedAvgServer
+
+C = "scaffold.c."  # the server control variate (round arrays)
+C_I = "scaffold.c_i."  # the client's control variate (ctx.state)
+DC = "scaffold.dc."  # the client's upload: c_i+ - c_i
+
+
+def trainable(model: torch.nn.Module, is_shared) -> dict[str, torch.nn.Parameter]:
+    """The parameters control variates exist for: trainable and shared."""
+    return {k: p for k, p in model.named_parameters() if p.requires_grad and is_shared(k)}
+
+
+class SCAFFOLDClient(FedAvgClient):
+    def train(self, ctx: ClientContext) -> dict[str, float]:
+        model = ctx.model.train()
+        params = trainable(model, self.is_shared)
+        start = {k: p.detach().clone() for k, p in params.items()}
+        c = {k: ctx.received.get(C + k, torch.zeros_like(p)).to(p.device) for k, p in params.items()}
+        c_i = {k: ctx.state.get(C_I + k, torch.zeros_like(p)).to(p.device) for k, p in params.items()}
+        correction = {k: c[k] - c_i[k] for k in params}
+        opt = sgd(list(params.values()), ctx.cfg["optimizer"])
+        loss_fn = self.loss_fn(ctx)
+
+        def step(x: torch.Tensor, y: torch.Tensor) -> float:
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            for k, p in params.items():
+                if p.grad is not None:
+                    p.grad.add_(correction[k])
+            opt.step()
+            return loss.detach().item()
+
+        metrics = run_local_epochs(ctx.data, int(ctx.cfg["local_epochs"]), int(ctx.cfg["batch_size"]), ctx.generator,
+                                   step, ctx.device)
+        steps = int(metrics["train/steps"])
+        if steps > 0:
+            scale = 1.0 / (steps * float(ctx.cfg["optimizer"]["lr"]))
+            for k, p in params.items():
+                new = c_i[k] - c[k] + scale * (start[k] - p.detach())  # option II
+                ctx.uploads[DC + k] = (new - c_i[k]).cpu()
+                ctx.state[C_I + k] = new.cpu()
+        else:  # no step taken: c_i unchanged
+            ctx.uploads.update({DC + k: torch.zeros_like(p).cpu() for k, p in params.items()})
+        return metrics
+
+
+@dataclass(frozen=True)
+class Params(FedAvgParams):
+    server_lr: float = param(1.0, "global step size eta_g (FL-bench / PFLlib / FedDyn's code: 1)", lo=0.0,
+                             lo_open=True)
+    weighting: str = param("uniform", "model average over the replies: uniform (paper, FL-bench, PFLlib) or samples "
+                                      "(by sample count, as FedAvg)", choices=("uniform", "samples"))
+
+
+class Server(FedAvgServer):
+    client_cls = SCAFFOLDClient
+    params = Params
+
+    def __init__(self, cfg: dict):
+        super().__init__(cfg)
+        self.c: dict[str, torch.Tensor] = {}
+
+    def initial_arrays(self, model: torch.nn.Module) -> ArrayRecord:
+        self.c = {k: torch.zeros_like(p.detach()) for k, p in trainable(model, self.client_cls.is_shared).items()}
+        return super().initial_arrays(model)
+
+    def round_arrays(self, server_round: int) -> dict[str, torch.Tensor]:
+        return {C + k: v for k, v in self.c.items()}
+
+    def aggregate(self, server_round: int, sent: ArrayRecord, replies: list[Message]) -> ArrayRecord | None:
+        uploads = pop_uploads(replies, DC)
+        if not replies:
+            return None
+        s = self.cfg["strategy"]
+        mean = weighted_mean(replies, reply_weights(replies, s["weighting"]))
+        eta = float(s["server_lr"])
+        out = {}
+        for k, avg in mean.items():
+            x = sent[k].numpy()
+            new = x + eta * (avg - x) if k in self.c else avg  # buffers: plain average
+            out[k] = Array(np.asarray(new, dtype=np.float64))  # merge() restores each array's dtype
+        n = int(self.cfg["num_clients"])
+        for k in self.c:
+            self.c[k] = self.c[k] + sum(u[k] for u in uploads) / n
+        return ArrayRecord(out)
+
+    def server_state(self) -> dict:
+        return {"c": {k: v.clone() for k, v in self.c.items()}}
+
+    def load_server_state(self, state: dict) -> None:
+        if "c" in state:
+            self.c = {k: torch.as_tensor(v).clone() for k, v in state["c"].items()}
