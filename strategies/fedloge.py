@@ -366,6 +366,26 @@ class Server(ServerAlgorithm):
         primary = str(s["generic_primary"])
         return {primary: predictors.pop(primary), **predictors}
 
+    @torch.no_grad()
+    def diagnostics(self, model: nn.Module, x: torch.Tensor) -> dict[str, float]:
+        """What exposes FedLoGe's short-budget collapse (every test image sent to one class): on up to 1,000 test
+        images (every k-th), the mean feature norm, the share of feature energy along the mean feature direction (near 1: all
+        features point one way), the row norms of psi, and the share of images psi' puts in its most-predicted
+        class."""
+        model.eval()
+        h = model.backbone(x[:: max(1, len(x) // 1000)])  # strided: test splits are often sorted by class
+        mean_dir = h.mean(0)
+        mean_dir = mean_dir / mean_dir.norm().clamp_min(EPS)
+        energy = float((h @ mean_dir).square().sum() / h.square().sum().clamp_min(EPS))
+        s = self.cfg["strategy"]
+        psi = model.global_head
+        rows = psi.weight.norm(dim=1)
+        w, b = global_realignment(psi.weight, psi.bias, float(s["realign_scale"]), str(s["realign_bias"]))
+        top = torch.bincount(F.linear(h, w, b).argmax(1), minlength=model.num_classes).max()
+        return {"fedloge/feature_norm_mean": float(h.norm(dim=1).mean()), "fedloge/feature_mean_direction_energy":
+                energy, "fedloge/psi_row_norm_min": float(rows.min()), "fedloge/psi_row_norm_max": float(rows.max()),
+                "fedloge/psi_realigned_top_class_share": float(top) / len(h)}
+
     @staticmethod
     def validate_config(cfg: dict) -> None:
         loss = (cfg.get("loss") or {}).get("name", "ce")

@@ -21,6 +21,7 @@ Hooks (override in ``strategies/<name>.py``, class ``Server``):
 * ``aggregate(server_round, sent, replies)`` -- the new shared arrays from accepted replies.
 * ``after_aggregate(server_round, arrays, replies)`` -- a server-side step after aggregation (e.g. CReFF).
 * ``generic_predictors(model)`` -- the global model(s) scored on the balanced test set; the first is primary.
+* ``diagnostics(model, x)`` -- extra scalars about the global model, logged with every evaluation.
 * ``server_state()`` / ``load_server_state(state)`` -- strategy state that checkpoints must carry.
 """
 
@@ -98,6 +99,11 @@ class ServerAlgorithm:
     def generic_predictors(self, model: torch.nn.Module) -> dict[str, Predictor]:
         model.eval()
         return {"model": model}
+
+    def diagnostics(self, model: torch.nn.Module, x: torch.Tensor) -> dict[str, float]:
+        """Extra scalars about the global model, logged with every evaluation under the returned keys (``x``: the
+        balanced test images; e.g. FedLoGe's feature norms and head row norms)."""
+        return {}
 
     def server_state(self) -> dict:
         return {}

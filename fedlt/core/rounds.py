@@ -251,6 +251,8 @@ def run_rounds(strategy: ServerAlgorithm, grid: Grid, cfg: dict, plan: DataPlan,
             gen, gen_detail = strategy.generic_metrics(model, test_x, test_y, plan.num_classes,
                                                        int(cfg["eval"]["batch_size"]), generic_eval)
             row.update(gen)
+            with torch.no_grad():
+                row.update(strategy.diagnostics(model, test_x))
             ev_ok = exchange(rnd, "evaluate", dispatch.evaluate_messages(rnd, arrays))
             pers, pers_detail = strategy.personalized_metrics(ev_ok, bool(cfg["eval"]["mask_absent_classes"]))
             row.update(pers)

@@ -104,3 +104,33 @@ def test_unsupported_strategy_is_refused():
     check_supported(CFG, get_strategy("fedavg"))  # fedavg is supported
     with pytest.raises(ConfigError, match="loss=focal"):
         check_supported({**CFG, "loss": {"name": "focal"}}, get_strategy("fedavg"))
+
+
+@pytest.mark.parametrize("name", __import__("strategies").STRATEGIES)
+def test_every_strategy_is_batched_like_the_sequential_loop_or_refused(name, model):
+    """The batching matrix: each strategy either trains under client batching exactly as its own sequential
+    client step does (float tolerance), or is refused before Ray with the reasons (never silently trained with
+    plain cross-entropy, as FedLC/FedETF were)."""
+    from fedlt.config import param_defaults
+
+    server = get_strategy(name)
+    cfg = {**CFG, "strategy": {"name": name, **param_defaults(server.params)}}
+    reasons = __import__("fedlt.core.cohort", fromlist=["x"]).unsupported_reasons(server, cfg)
+    if reasons:
+        with pytest.raises(ConfigError, match=f"strategy={name}.*" + reasons[0].split("(")[0][:30]):
+            check_supported(cfg, server)
+        return
+    assert server.client_cls.loss_fn is ClientAlgorithm.loss_fn and not server.client_cls.personal_prefixes
+    torch.set_num_threads(1)
+    datas = [synthetic_client(i, n) for i, n in enumerate((21, 9, 3))]
+    gens = lambda: [torch_generator(3, 2, 1, c) for c in range(3)]  # noqa: E731
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    algo, seq = server.client_cls(cfg), []
+    for d, g in zip(datas, gens(), strict=True):
+        model.load_state_dict(start)
+        algo.train(ClientContext(model=model, data=d, cfg=cfg, round=1, generator=g))
+        seq.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    bat, _ = train_cohort(model, start, datas, gens(), cfg)
+    for a, b in zip(seq, bat, strict=True):
+        for k in a:
+            assert torch.allclose(a[k].double(), b[k].double(), atol=1e-4, rtol=1e-3), (name, k)

@@ -431,3 +431,29 @@ def test_fedloge_end_to_end_logs_every_metric(tmp_path):
     acc = EventAccumulator(str(run_dir / "tb"))
     acc.Reload()
     assert set(keys) <= set(acc.Tags()["scalars"])
+
+
+def test_diagnostics_expose_a_collapsed_backbone():
+    from tests.strategies.conftest import build, tiny_cfg
+
+    """Every feature along one direction (the small-CNN collapse): energy share 1 and psi' sends every image to
+    one class; varied features give a share well below 1."""
+    cfg = tiny_cfg({"name": "fedloge", "beta": 0.6, "gamma": 0.1, "refine_steps": 0, "refine_lr": 1e-4,
+                    "bias": "frozen_random", "realign_scale": 1.7, "realign_bias": "keep",
+                    "transfer_normalised_psi": False, "generic_primary": "psi_realigned"},
+                   model={"name": "cnn", "width": 4, "feature_dim": 8})
+    model = build(FedLoGeClient, cfg)
+    server = Server(cfg)
+    x = torch.randn(64, 1, 8, 8)
+    varied = server.diagnostics(model, x)
+    assert set(varied) >= {"fedloge/feature_norm_mean", "fedloge/feature_mean_direction_energy",
+                           "fedloge/psi_row_norm_min", "fedloge/psi_row_norm_max",
+                           "fedloge/psi_realigned_top_class_share"}
+    model.backbone = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 8))
+    with torch.no_grad():
+        model.backbone[1].weight.zero_()
+        model.backbone[1].bias.fill_(1.0)  # every image -> the same feature vector
+    collapsed = server.diagnostics(model, x)
+    assert collapsed["fedloge/feature_mean_direction_energy"] == pytest.approx(1.0)
+    assert collapsed["fedloge/psi_realigned_top_class_share"] == 1.0
+    assert varied["fedloge/feature_mean_direction_energy"] < 0.999
