@@ -23,22 +23,25 @@ from fedlt.data.longtail import PROFILES
 from fedlt.data.partition import PARTITIONERS
 from fedlt.data.sources import SOURCES
 from fedlt.data.validate import validate_data
+from fedlt.eval.posthoc import PosthocParams
 from fedlt.flower.ray_backend import address_problem
 from fedlt.models import HEADS, MODELS
 from fedlt.privacy import CENTRAL, MODES as PRIVACY_MODES, NONE
 from fedlt.train.losses import validate_loss
+from fedlt.train.samplers import validate_sampler
 import strategies
 from strategies import get_strategy
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # The run config's keys: the top level and its fixed sections (the open groups dataset/partition/model/loss/
-# strategy are checked by their owners). Anything else -- a typo, a `+key=...` -- is refused.
+# sampler/strategy are checked by their owners). Anything else -- a typo, a `+key=...` -- is refused.
 TOP_LEVEL = ("seed", "num_clients", "num_rounds", "participation", "local_epochs", "batch_size", "optimizer", "eval",
              "checkpoint", "resume", "fault_injection", "data_root", "cache_dir", "log_level", "dataset",
-             "partition", "model", "strategy", "loss", "backend", "privacy")
+             "partition", "model", "strategy", "loss", "sampler", "backend", "privacy")
 SECTIONS = {
     "optimizer": ("lr", "momentum", "weight_decay"),
-    "eval": ("every", "batch_size", "mask_absent_classes", "local_test", "holdout_fraction", "test_agnostic"),
+    "eval": ("every", "batch_size", "mask_absent_classes", "local_test", "holdout_fraction", "test_agnostic",
+             "posthoc"),
     "checkpoint": ("every", "keep", "on_signal"),
     "fault_injection": ("probability", "mode", "phase"),
     "backend": ("name", "address", "num_cpus", "num_gpus", "num_cpus_per_client", "num_gpus_per_client", "device",
@@ -74,6 +77,7 @@ def validate(cfg: dict) -> dict:
     _model(cfg)
     check_choice(cfg, "strategy.name", sorted(strategies.STRATEGIES))  # read now: tests may register more
     validate_loss(cfg)
+    validate_sampler(cfg)
     _backend(cfg)
     _reliability(cfg)
     server = get_strategy(cfg["strategy"]["name"])
@@ -154,6 +158,8 @@ def _eval(cfg: dict) -> None:
         if not isinstance(ifs, list) or not all(isinstance(f, int | float) and not isinstance(f, bool) and f >= 1
                                                 for f in ifs):
             fail("eval.test_agnostic.imbalance_factors", ifs, "expected a list of numbers >= 1, e.g. [10, 50]")
+    if "posthoc" in cfg["eval"]:
+        check_params(cfg, "eval.posthoc", PosthocParams, ignore=())
 
 
 def _model(cfg: dict) -> None:

@@ -23,8 +23,9 @@ data than average is regularised less. The server formula does not involve alpha
 Deviations: the official code applies FedDyn to ``model.parameters()`` of models without BatchNorm; here BatchNorm
 buffers are averaged as in FedAvg. The mean client size for the adaptive alpha is read by the client from the
 run's split (one public scalar, what the official simulator computes centrally; a deployment would broadcast
-it); with ``adaptive_alpha: false`` alpha_i = alpha. Uploads besides weights: none (the server derives theta_i -
-theta from the uploaded weights); the client's lambda_i never leaves it.
+it); with ``adaptive_alpha: false`` alpha_i = alpha. Client-level DP (``privacy=``) is refused: h must see each
+client's own drift. Uploads besides weights: none (the server derives theta_i - theta from the uploaded
+weights); the client's lambda_i never leaves it.
 """
 
 from __future__ import annotations
@@ -37,14 +38,14 @@ import torch
 from flwr.app import Array, ArrayRecord, Message
 
 from fedlt.api.client import ClientContext
-from fedlt.config import param
+from fedlt.config import ConfigError, param
 from fedlt.data.federated import FederatedSplit
 from fedlt.train.local import run_local_epochs, sgd
 from strategies._common import reply_weights, weighted_mean
 from strategies.fedavg import FedAvgClient, FedAvgParams
 from strategies.fedavg import Server as FedAvgServer
 
-LAMBDA = "feddyn.lambda."  # the client's accumulated drift sum(theta_i - theta) (ctx.state); grad L_i = -alpha_i lambda_i
+LAMBDA = "feddyn.lambda."  # ctx.state: the accumulated drift sum(theta_i - theta); grad L_i = -alpha_i lambda_i
 
 
 @functools.lru_cache(maxsize=8)
@@ -105,6 +106,16 @@ class Params(FedAvgParams):
 class Server(FedAvgServer):
     client_cls = FedDynClient
     params = Params
+
+    @staticmethod
+    def validate_config(cfg: dict) -> None:
+        mode = (cfg.get("privacy") or {}).get("name", "none")
+        if mode != "none":
+            raise ConfigError(
+                f"invalid combination privacy={mode} with strategy=feddyn: FedDyn's server state h accumulates each "
+                f"client's own drift theta_i - theta and must match the clients' lambda_i, while client-level DP "
+                f"shows the server only clipped, noised updates (dp_central: their noised mean), so h would no "
+                f"longer match; use privacy=none.")
 
     def __init__(self, cfg: dict):
         super().__init__(cfg)

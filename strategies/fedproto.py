@@ -9,10 +9,13 @@ weights are shared; clients exchange class prototypes (mean feature vectors) onl
   (computed in training mode during that epoch, as officially) -- ``fedproto.proto`` (K x d, zero rows for classes
   it has not seen) and ``fedproto.count`` (K: how many features each mean averages).
 * Server: per class, the average of the local prototypes of the clients that hold it (``proto_weighting``:
-  ``counts`` weights each by its count, the paper's Eq. (6); ``uniform`` is the official code's plain mean).
+  ``counts`` weights each by its count |D_ij| / N_j, the paper's Eq. (6) -- whose further factor 1/|N_j| would
+  shrink a prototype by the number of clients holding its class; no implementation applies it, nor does this
+  one; ``uniform`` is the official code's plain mean).
   The global prototypes are server state (checkpointed) and go to every client with every train and evaluate
   message (``round_arrays``: ``fedproto.global``, K x d, and ``fedproto.present``, K).
-* Predictors (stage "after", the client's own model): ``proto`` (primary) = the nearest global prototype (logits
+* Predictors (stage "after", the client's own model): ``proto`` (primary; the paper's "prototype-based model
+  inference", argmin_j ||f(x) - C^(j)||) = the nearest global prototype (logits
   = minus the mean squared distance, as the official evaluation's ``MSELoss``; classes without a global prototype
   get a logit of -1e9) and ``model`` = the client's own classifier. Generic: not applicable (there is no global
   model); ``generic/accuracy`` is null, as for ``local``.
@@ -75,6 +78,7 @@ def prototype_logits(f: torch.Tensor, protos: torch.Tensor, present: torch.Tenso
 
 class FedProtoClient(ClientAlgorithm):
     personal_prefixes = ("",)  # the whole model stays on the client
+    extra_uploads = "per-class mean features and per-class counts of the last local epoch (fedproto.*)"
 
     @classmethod
     def personalization_stage(cls, cfg: dict) -> str:

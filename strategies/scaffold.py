@@ -16,7 +16,9 @@ There is no official code by the paper's authors. Checked against FL-bench (Karh
 (TsingZ0/PFLlib at d832e76f6a23b833038949ec1e4fdefe63a4d350, ``system/flcore/clients/clientscaffold.py``,
 ``system/flcore/servers/serverscaffold.py``) and the SCAFFOLD baseline in FedDyn's code (alpemreacar/FedDyn at
 48a19fac440ef079ce563da8e0c2896f8256fef9, ``utils_methods.py`` ``train_SCAFFOLD``): all three use option II, the
-correction c - c_i on the gradient, an unweighted mean of the client models and c += sum(dc_i) / N. Defaults:
+correction c - c_i on the gradient, an unweighted mean of the client models and c += sum(dc_i) / N (FedDyn's
+baseline also rescales c and dc_i by each client's relative data size, ``weight_list``, and gives every client
+the same number of local steps; neither is in the paper, and neither is done here). Defaults:
 ``server_lr`` 1 (FL-bench ``global_lr``, PFLlib ``server_learning_rate``, FedDyn's ``global_learning_rate``),
 ``weighting: uniform`` (the paper's 1/|S| mean, as all three).
 
@@ -54,6 +56,8 @@ def trainable(model: torch.nn.Module, is_shared) -> dict[str, torch.nn.Parameter
 
 
 class SCAFFOLDClient(FedAvgClient):
+    extra_uploads = "the change of the client's control variate, one array per trainable parameter (scaffold.dc.*)"
+
     def train(self, ctx: ClientContext) -> dict[str, float]:
         model = ctx.model.train()
         params = trainable(model, self.is_shared)

@@ -20,7 +20,8 @@ Hooks (override in ``strategies/<name>.py``, class ``Server``):
 * ``frozen_arrays(model)`` -- arrays built once on the server and sent once to each client.
 * ``aggregate(server_round, sent, replies)`` -- the new shared arrays from accepted replies.
 * ``after_aggregate(server_round, arrays, replies)`` -- a server-side step after aggregation (e.g. CReFF).
-* ``generic_predictors(model)`` -- the global model(s) scored on the balanced test set; the first is primary.
+* ``generic_predictors(model)`` -- the global model(s) scored on the balanced test set; the first is primary
+  (``generic_metrics`` adds the ``eval.posthoc`` predictors after them, for every strategy).
 * ``diagnostics(model, x)`` -- extra scalars about the global model, logged with every evaluation.
 * ``server_state()`` / ``load_server_state(state)`` -- strategy state that checkpoints must carry.
 """
@@ -36,6 +37,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from fedlt.api.client import ClientAlgorithm, Predictor
 from fedlt.config import clients_per_round
+from fedlt.eval import posthoc
 from fedlt.eval.generic import GenericEvaluation
 from fedlt.eval.personalized import personalized_metrics
 from fedlt.eval.predict import predict_logits
@@ -146,9 +148,13 @@ class ServerAlgorithm:
 
     def generic_metrics(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int,
                         batch_size: int, evaluation: GenericEvaluation | None = None) -> tuple[dict, dict]:
-        """Every generic predictor on the balanced test set (see fedlt.eval.generic)."""
+        """Every generic predictor on the balanced test set (see fedlt.eval.generic), plus the post-hoc ones when
+        ``eval.posthoc.enabled`` (fedlt.eval.posthoc): the primary predictor corrected by the global training prior
+        (``<primary>+prior``; needs ``evaluation``'s training counts) and the tau-normalised shared linear head
+        (``taunorm``)."""
         evaluation = evaluation or GenericEvaluation(y, num_classes)
-        predictors = self.generic_predictors(model)
+        predictors = posthoc.with_prior_correction(self.generic_predictors(model), evaluation.train_counts, self.cfg)
+        predictors = posthoc.with_tau_norm(predictors, model, self.cfg, self.client_cls.is_shared("head.weight"))
 
         def logits():
             for name, fn in predictors.items():

@@ -187,7 +187,7 @@ def train(rt: ClientRuntime, msg: Message, context: Context) -> Message:
     protected = {}
     if privacy_enabled(rt.cfg):  # client-level DP: clip (and noise) the update; uploads never leave the client
         protected = protect_update(rt.cfg, msg.content["arrays"], shared, uploads, msg.content["config"],
-                                   ctx.round, ctx.data.client_id)
+                                   ctx.round, ctx.data.client_id, {k for k, _ in rt.model.named_buffers()})
     else:
         shared.update(uploads)
     if fault == "nan":

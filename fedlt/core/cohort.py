@@ -13,8 +13,8 @@ with no host round trip.
 
 Supported: strategies whose clients run the default local SGD (``ClientAlgorithm.train``, no own ``loss_fn``)
 with ``loss=ce``, keep no personal state, and whose server side averages (no custom ``aggregate`` /
-``after_aggregate``) -- e.g. ``fedavg``. Anything else is refused before Ray starts (:func:`unsupported_reasons`,
-called by ``fedlt.validate``).
+``after_aggregate``) -- e.g. ``fedavg``, with any client sampler except the round-dependent ``progressive``. Anything
+else is refused before Ray starts (:func:`unsupported_reasons`, called by ``fedlt.validate``).
 
 With client batching the round loop sends one ``train.cohort`` message per group of sampled clients
 (:func:`cohorts`) instead of one per client; the client step (``fedlt.core.client_step.train_cohort_message``)
@@ -53,6 +53,11 @@ def unsupported_reasons(server_cls, cfg: dict) -> list[str]:
     loss = (cfg.get("loss") or {}).get("name", "ce")
     if loss != "ce":
         reasons.append(f"loss={loss} (only ce)")
+    from fedlt.train.samplers import NEEDS_ROUND, sampler_name
+
+    if sampler_name(cfg) in NEEDS_ROUND:  # train_cohort(round=...) takes it; the cohort message step does not pass it
+        reasons.append(f"sampler={sampler_name(cfg)} moves its class mix over the rounds, and the cohort trainer "
+                       f"is not told the round")
     return reasons
 
 
@@ -116,9 +121,11 @@ class _MaskedBatchNorm:
         return forward
 
 
-def _schedule(datas: list, generators: list, cfg: dict) -> tuple[list[int], dict[str, torch.Tensor]]:
+def _schedule(datas: list, generators: list, cfg: dict,
+              round: int | None = None) -> tuple[list[int], dict[str, torch.Tensor]]:
     """Each client's batches as index/augmentation tables of shape (steps, clients, batch_size), drawn from each
-    client's generator by :func:`fedlt.train.local.batch_draws`, i.e. exactly what its one-client loop draws.
+    client's generator by :func:`fedlt.train.local.batch_draws` with the run's sampler (``sampler=``; ``round``
+    only for the samplers that need it), i.e. exactly what its one-client loop draws.
 
     Layout: clients (lanes) are ordered by batches per epoch, most first, and the steps form one block per
     epoch, as long as the longest client's epoch; every client runs its epoch in the LAST steps of the block.
@@ -126,13 +133,16 @@ def _schedule(datas: list, generators: list, cfg: dict) -> tuple[list[int], dict
     on a block's last step: one masked step per epoch. The total number of steps is the longest client's, as in
     any layout. Returns the lane order (client positions) and the tables; ``valid`` marks real samples."""
     from fedlt.train.local import batch_draws
+    from fedlt.train.samplers import sampler_spec
 
     bs, epochs = int(cfg["batch_size"]), int(cfg["local_epochs"])
     plan = datas[0].plan
     padding, hflip = int(plan.augment_padding), bool(plan.augment_hflip)
-    draws = [list(batch_draws(d.num_train, bs, epochs, g, padding, hflip))
+    spec = sampler_spec(cfg, round)
+    draws = [list(batch_draws(d.num_train, bs, epochs, g, padding, hflip, spec, d.train_y))
              for d, g in zip(datas, generators, strict=True)]
-    per_epoch = [len(d) // max(epochs, 1) for d in draws]  # batch_draws yields the same number every epoch
+    # batch_draws yields the same number every epoch (every sampler's epoch length depends only on the counts)
+    per_epoch = [len(d) // max(epochs, 1) for d in draws]
     order = sorted(range(len(datas)), key=lambda i: -per_epoch[i])
     block = max(per_epoch, default=0)
     steps, k = block * epochs, len(datas)
@@ -156,7 +166,8 @@ def _schedule(datas: list, generators: list, cfg: dict) -> tuple[list[int], dict
 
 
 def train_cohort(model: torch.nn.Module, start_state: dict[str, torch.Tensor], datas: list, generators: list,
-                 cfg: dict, device: str = "cpu") -> tuple[list[dict[str, torch.Tensor]], list[dict[str, float]]]:
+                 cfg: dict, device: str = "cpu",
+                 round: int | None = None) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, float]]]:
     """Train ``len(datas)`` clients from the same ``start_state`` with local SGD, vectorised over clients.
 
     Every step is ONE vmapped call: the clients' images live on the device in one tensor and each step gathers
@@ -165,13 +176,14 @@ def train_cohort(model: torch.nn.Module, start_state: dict[str, torch.Tensor], d
     nothing, no copies); short batches are padded and masked (:class:`_MaskedBatchNorm`, zero loss weights).
     Nothing waits for the device before the end. Returns each client's final state dict (on CPU) and metrics
     ({"train/loss", "train/steps"}), identical in meaning to ``ClientAlgorithm.train`` run once per client with
-    ``model.load_state_dict(start_state)`` (equal up to float rounding)."""
+    ``model.load_state_dict(start_state)`` (equal up to float rounding). ``round``: the server round, needed only
+    by round-dependent samplers (``sampler=progressive``)."""
     k = len(datas)
     opt = cfg["optimizer"]
     lr, momentum, wd = float(opt["lr"]), float(opt.get("momentum", 0.0)), float(opt.get("weight_decay", 0.0))
     plan = datas[0].plan
     padding, hflip = int(plan.augment_padding), bool(plan.augment_hflip)
-    order, table = _schedule(datas, generators, cfg)
+    order, table = _schedule(datas, generators, cfg, round)
     total_steps, bs = table["index"].shape[0], table["index"].shape[2]
     busy = table["valid"].any(2)  # steps, lanes
     running = busy.sum(1).tolist()

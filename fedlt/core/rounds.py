@@ -177,7 +177,8 @@ def run_rounds(strategy: ServerAlgorithm, grid: Grid, cfg: dict, plan: DataPlan,
     if privacy_enabled(cfg):  # fedlt.privacy.server: the core's only privacy object; strategies never see it
         from fedlt.privacy.server import RunPrivacy
 
-        privacy = RunPrivacy(cfg, state.privacy if state is not None else None)
+        privacy = RunPrivacy(cfg, state.privacy if state is not None else None,
+                             buffers={k for k, _ in model.named_buffers()})
         dispatch.privacy = privacy
     test_x, test_y = global_test(plan)
     generic_eval = GenericEvaluation.for_run(cfg, plan, test_y)

@@ -19,6 +19,7 @@ import zlib
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -266,6 +267,9 @@ class ClientData:
     train_counts: torch.Tensor  # per-class training counts (num_classes)
     test_counts: torch.Tensor  # per-class local test counts
     plan: DataPlan
+    # how local training batches are drawn (a fedlt.train.samplers.SamplerSpec; None = uniform shuffles); set on
+    # the client context's view from the run's ``sampler=`` (fedlt.api.client.ClientContext), never here
+    sampler: Any = None
 
     @property
     def num_train(self) -> int:

@@ -5,6 +5,11 @@ half-written, and eval_detail.json, the per-class / per-client detail of the las
 that is not itself a run but holds runs at any depth (``runs/``, a day's folder, a Hydra multirun folder) stands
 for all of them.
 
+Runs that differ only in ``seed`` (and in options that do not change what a run computes: where and with how many
+CPUs/GPUs it ran, where data and caches live, logging, checkpointing) are repetitions of one configuration: the
+tables report each metric as mean ± std (sample std, n - 1) with n, the figures draw error bars or a ±std band,
+and a per-run table below keeps every run's own values (also in report.csv).
+
 What cannot be read is said, never skipped silently: a path that does not exist, a broken config.yaml or an
 output folder that cannot be written is an error (one paragraph, exit code 2); a damaged metrics.jsonl line
 (named with its line number), a garbage results.json, partition.json or eval_detail.json is a warning on stderr
@@ -18,6 +23,7 @@ import csv
 import json
 import math
 import os
+import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +58,12 @@ class RunData:
         if self.results is not None:
             return self.results
         return self.rows[-1] if self.rows else {}
+
+    @property
+    def rounds_done(self) -> int:
+        """The round the final values come from (completed rounds of a finished run, else the last evaluated)."""
+        final = self.final
+        return int(_number(final.get("rounds_completed", final.get("round", 0))) or 0)
 
     @property
     def mask_absent_classes(self) -> bool:
@@ -257,6 +269,126 @@ def unique_labels(paths: list[Path]) -> list[str]:
     return out
 
 
+# ------------------------------------------------------------------------------------------------- seeds
+# Options that do not change what a run computes, besides `seed`: those a resumed run may change
+# (fedlt.core.checkpoint.RESUME_OVERRIDABLE: where and with how many CPUs/GPUs it runs, where data and caches live,
+# logging, checkpointing) except num_rounds, which does change it; `resume`; and the preset's name.
+NOT_COMPUTING_EXTRA = ("seed", "resume", "experiment", "preset")
+
+
+def not_computing() -> tuple[str, ...]:
+    from fedlt.core.checkpoint import RESUME_OVERRIDABLE  # here, not at the top: that module imports torch
+
+    return tuple(k for k in RESUME_OVERRIDABLE if k != "num_rounds") + NOT_COMPUTING_EXTRA
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """A nested config as {"a.b.c": value}; lists become tuples (hashable, comparable)."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v if not isinstance(v, list) else tuple(v)
+    return out
+
+
+def repetition_key(run: RunData, ignored: tuple[str, ...]) -> str | None:
+    """What a run computes: its config.yaml without the ``ignored`` options, and the round its final values come
+    from (an interrupted run is not averaged with finished ones). None without a config.yaml (never grouped)."""
+    if not run.config:
+        return None
+    flat = {k: v for k, v in flatten(run.config).items()
+            if not any(k == p or k.startswith(p + ".") for p in ignored)}
+    return json.dumps([flat, run.rounds_done], sort_keys=True, default=repr)
+
+
+@dataclass(frozen=True)
+class Stat:
+    """A metric over a group's runs: the values that exist (a run may lack one), and the group's size."""
+
+    values: tuple
+    of: int
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self):
+        """The mean; a single value as it is."""
+        return self.values[0] if self.n == 1 else statistics.fmean(self.values)
+
+    @property
+    def std(self) -> float | None:
+        """Sample standard deviation (n - 1); None for a single value."""
+        return statistics.stdev(self.values) if self.n > 1 else None
+
+    def text(self) -> str:
+        if self.n == 0:
+            return _fmt(None)
+        if self.n == 1:  # one run: its value as it is, no ±
+            text = _fmt(self.mean)
+        else:
+            text = f"{_fmt(self.mean)} ± {_fmt(self.std)}"
+        return text + (f" (n={self.n})" if self.of > 1 and self.n != self.of else "")
+
+
+@dataclass
+class RunGroup:
+    """Runs of one configuration that differ only in ``seed`` (and in options that do not change what a run
+    computes): repetitions, reported as mean ± std. A run on its own is a group of one."""
+
+    runs: list[RunData]
+
+    @property
+    def n(self) -> int:
+        return len(self.runs)
+
+    @property
+    def first(self) -> RunData:
+        return self.runs[0]
+
+    @property
+    def seeds(self) -> list:
+        return [r.config.get("seed", r.partition.get("seed")) for r in self.runs]
+
+    def stat(self, key: str) -> Stat:
+        raw = [r.final.get(key) for r in self.runs]
+        if self.n == 1:  # the value as it is (an int stays an int), as the per-run table has always shown it
+            return Stat(tuple(v for v in raw if v is not None and v != ""), 1)
+        return Stat(tuple(v for v in map(_number, raw) if v is not None), self.n)
+
+
+def as_groups(items: list) -> list[RunGroup]:
+    """Runs and groups as groups (a run on its own is a group of one): what the figures draw."""
+    return [x if isinstance(x, RunGroup) else RunGroup([x]) for x in items]
+
+
+def group_runs(runs: list[RunData]) -> list[RunGroup]:
+    """Runs grouped by :func:`repetition_key`, in the order of each group's first run."""
+    ignored = not_computing()
+    groups: dict[str, RunGroup] = {}
+    for i, run in enumerate(runs):
+        key = repetition_key(run, ignored)
+        groups.setdefault(f"#{i}" if key is None else key, RunGroup([])).runs.append(run)
+    return list(groups.values())
+
+
+def group_problems(groups: list[RunGroup]) -> list[str]:
+    """Repetitions that are not independent: two runs of a group with the same seed."""
+    out = []
+    for g in groups:
+        seeds = g.seeds
+        for s in dict.fromkeys(x for x in seeds if x is not None and seeds.count(x) > 1):
+            same = [r.label for r, x in zip(g.runs, seeds, strict=True) if x == s]
+            out.append(f"{', '.join(same)} have the same configuration and seed {s} (copies of one run, or a run "
+                       f"repeated): each counts in its group's mean ± std, which understates the seed-to-seed "
+                       f"spread; leave the copies out")
+    return out
+
+
 # ------------------------------------------------------------------------------------------------- tables
 KEY_METRICS = [
     ("generic acc", "generic/accuracy"),
@@ -297,7 +429,6 @@ def run_info(run: RunData) -> dict:
     if "alpha" in p:
         partition += f" α={p['alpha']}"
     wall = _number(final.get("time/wall_s") if run.finished else final.get("time/elapsed_s"))
-    done = _number(final.get("rounds_completed", final.get("round", 0))) or 0
     return {
         "run": run.label,
         "strategy": strategy,
@@ -307,7 +438,7 @@ def run_info(run: RunData) -> dict:
         "clients": cfg.get("num_clients", part.get("num_clients")),
         "seed": cfg.get("seed", part.get("seed")),
         "status": "finished" if run.finished else "interrupted",
-        "rounds": f"{int(done)}/{cfg.get('num_rounds', '?')}",
+        "rounds": f"{run.rounds_done}/{cfg.get('num_rounds', '?')}",
         "wall_s": round(wall, 1) if wall is not None else None,
         "pers. stage": (run.results or {}).get("personalized/stage", ""),
     }
@@ -319,6 +450,8 @@ def scalar_keys(run: RunData) -> list[str]:
 
 
 def _fmt(v) -> str:
+    if isinstance(v, Stat):
+        return v.text()
     if v is None or v == "":
         return "–"
     if isinstance(v, float):
@@ -332,7 +465,60 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(out)
 
 
-def write_tables(runs: list[RunData], out: Path) -> tuple[Path, Path]:
+IDENT = ["strategy", "dataset", "IF", "partition", "clients", "status", "rounds", "wall_s"]
+
+
+def group_info(group: RunGroup) -> dict:
+    """:func:`run_info` of a group: each column's value where its runs agree, else their values joined; the wall
+    time as mean ± std."""
+    infos = [run_info(r) for r in group.runs]
+    if group.n == 1:
+        return infos[0]
+    out = {}
+    for col in infos[0]:
+        values = list({repr(i[col]): i[col] for i in infos}.values())
+        out[col] = values[0] if len(values) == 1 else ", ".join(_fmt(v) for v in values)
+    out["wall_s"] = Stat(tuple(v for i in infos if (v := _number(i["wall_s"])) is not None), group.n)
+    return out
+
+
+def seeds_text(group: RunGroup) -> str:
+    return ", ".join(_fmt(s) for s in group.seeds)
+
+
+def key_table(first_header: list[str], first_cols: list[list], groups: list[RunGroup]) -> str:
+    """The key-metric table, a row per group (a run is a group of one): identifying columns, then each metric."""
+    infos = [group_info(g) for g in groups]
+    return markdown_table(first_header + IDENT + [h for h, _ in KEY_METRICS],
+                          [first + [i[c] for c in IDENT] + [g.stat(k) for _, k in KEY_METRICS]
+                           for first, i, g in zip(first_cols, infos, groups, strict=True)])
+
+
+def write_group_csv(groups: list[RunGroup], labels: list[str], keys: list[str], path: Path) -> Path:
+    """report_groups.csv: a row per group; mean, std and n of the wall time and of every final scalar."""
+    cols = [c for c in run_info(groups[0].first) if c not in ("run", "seed", "wall_s")]
+    stats = ["wall_s"] + keys
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["group", "n", "seeds", "runs"] + cols + [f"{k} {s}" for k in stats for s in ("mean", "std", "n")])
+        for g, label in zip(groups, labels, strict=True):
+            info = group_info(g)
+            row = [label, g.n, " ".join(str(s) for s in g.seeds), " ".join(r.label for r in g.runs)]
+            row += ["" if info[c] is None else info[c] for c in cols]
+            for k in stats:
+                st = info["wall_s"] if k == "wall_s" else g.stat(k)
+                if not isinstance(st, Stat):  # a group of one: run_info's rounded wall time
+                    st = Stat(() if st is None else (st,), 1)
+                numeric = st.n and all(_number(v) is not None for v in st.values)
+                row += [st.mean if numeric else "", "" if st.std is None else st.std, st.n]
+            w.writerow(row)
+    return path
+
+
+def write_tables(runs: list[RunData], out: Path, groups: list[RunGroup] | None = None) -> tuple[Path, Path, Path]:
+    """report.md, report.csv (a row per run) and report_groups.csv (a row per group of repetitions)."""
+    groups = group_runs(runs) if groups is None else groups
+    grouped = any(g.n > 1 for g in groups)
     infos = [run_info(r) for r in runs]
     info_cols = list(infos[0])
     key_cols = [k for _, k in KEY_METRICS]
@@ -344,46 +530,67 @@ def write_tables(runs: list[RunData], out: Path) -> tuple[Path, Path]:
         for info, run in zip(infos, runs, strict=True):
             w.writerow([info[c] if info[c] is not None else "" for c in info_cols]
                        + ["" if run.final.get(k) is None else run.final.get(k) for k in key_cols + extra])
+    from fedlt.eval.plots import run_labels
+
+    legend = run_labels(groups)
+    groups_csv = write_group_csv(groups, legend, key_cols + extra, out / "report_groups.csv")
 
     lines = ["# fedlt report", "",
              "Final evaluated round of each run. *generic*: the primary generic predictor of the global model on the "
              "balanced test set; *pers.*: each client's primary personal predictor on its own local test set, "
              "unweighted mean over all clients (see README, Metrics and reports). Head/mid/tail: the "
              "`cumulative_75_95` rule; all three rules are in the shot-group table and in report.csv.", ""]
-    ident = ["run", "strategy", "dataset", "IF", "partition", "clients", "status", "rounds", "wall_s"]
-    lines.append(markdown_table(ident + [h for h, _ in KEY_METRICS],
-                                [[i[c] for c in ident] + [r.final.get(k) for _, k in KEY_METRICS]
-                                 for i, r in zip(infos, runs, strict=True)]))
+    if grouped:
+        lines += ["Runs that differ only in `seed` (and in options that do not change what a run computes: "
+                  "placement, data and cache folders, logging, checkpointing) form a group: each value is "
+                  "**mean ± std** over the group's runs (sample std, n − 1), n the number of runs; `(n=k)` marks a "
+                  "value that fewer runs have; a group of one shows its run's value. Each run's own values are in "
+                  "the per-run table below and in report.csv; report_groups.csv has mean, std and n of every "
+                  "scalar.", ""]
+        lines.append(key_table(["group", "n", "seeds"], [[lab, g.n, seeds_text(g)]
+                                                         for lab, g in zip(legend, groups, strict=True)], groups))
+        lines += ["", "## Per run", ""]
+        members = [r for g in groups for r in g.runs]  # group by group
+        lines.append(key_table(["run", "seed"], [[r.label, run_info(r)["seed"]] for r in members],
+                               [RunGroup([r]) for r in members]))
+        rows_of, first = groups, [[lab] for lab in legend]
+    else:
+        lines.append(key_table(["run"], [[r.label] for r in runs], groups))
+        rows_of, first = groups, [[g.first.label] for g in groups]
+    what = "group" if grouped else "run"
     lines += ["", "## Shot groups (head / mid / tail accuracy under each rule)", ""]
-    header, rows = ["run"], [[r.label] for r in runs]
+    header, rows = [what], [list(f) for f in first]
     for side in ("generic", "personalized"):
         for rule in SHOT_RULES:
             header.append(f"{side} {rule}")
-            for row, run in zip(rows, runs, strict=True):
-                vals = [run.final.get(f"{side}/{rule}/{g}_accuracy") for g in GROUPS]
-                row.append(" / ".join(_fmt(v) for v in vals))
+            for row, g in zip(rows, rows_of, strict=True):
+                row.append(" / ".join(_fmt(g.stat(f"{side}/{rule}/{grp}_accuracy")) for grp in GROUPS))
     lines.append(markdown_table(header, rows))
     ta_keys = list(dict.fromkeys(k for r in runs for k in r.final if k.startswith("generic/test_agnostic/")))
     if ta_keys:
         lines += ["", "## Test-agnostic accuracy (primary generic predictor on re-sampled test sets)", ""]
         names = [k.split("/")[2] for k in ta_keys]
-        lines.append(markdown_table(["run"] + names, [[r.label] + [r.final.get(k) for k in ta_keys] for r in runs]))
-    problems = [msg for r in runs for msg in r.problems]
+        lines.append(markdown_table([what] + names, [f + [g.stat(k) for k in ta_keys]
+                                                     for f, g in zip(first, rows_of, strict=True)]))
+    problems = [msg for r in runs for msg in r.problems] + group_problems(groups)
     if problems:
         lines += ["", "## Problems found while reading the runs", ""]
         lines += [f"- {msg}" for msg in problems]
     lines += ["", "## Figures", ""]
-    from fedlt.eval.plots import run_labels
-
-    legend = run_labels(runs)
-    if any(lab != r.label for lab, r in zip(legend, runs, strict=True)):
+    if grouped:
+        lines += ["In the figures a group is one colour: its mean, with error bars (or a band) of ± one std over "
+                  "its runs. The labels stand for:", ""]
+        lines.append(markdown_table(["figure label", "runs"], [[lab, ", ".join(r.label for r in g.runs)]
+                                                               for lab, g in zip(legend, groups, strict=True)]))
+        lines.append("")
+    elif any(lab != g.first.label for lab, g in zip(legend, groups, strict=True)):
         lines += ["In the figures the runs are labelled by what tells them apart:", ""]
-        lines.append(markdown_table(["figure label", "run"], [[lab, r.label] for lab, r in zip(legend, runs,
-                                                                                                  strict=True)]))
+        lines.append(markdown_table(["figure label", "run"], [[lab, g.first.label]
+                                                              for lab, g in zip(legend, groups, strict=True)]))
         lines.append("")
     md_path = out / "report.md"
     md_path.write_text("\n".join(lines) + "\n")
-    return md_path, csv_path
+    return md_path, csv_path, groups_csv
 
 
 # ------------------------------------------------------------------------------------------------- figures
@@ -393,12 +600,15 @@ def save(fig, path: Path) -> Path:
     return path
 
 
-def write_figures(runs: list[RunData], out: Path) -> list[Path]:
+def write_figures(runs: list[RunData], out: Path, groups: list[RunGroup] | None = None) -> list[Path]:
+    """The comparison figures (a colour per group of repetitions, with ± std where a group has several runs) and
+    each run's partition heatmap."""
     from fedlt.eval import plots
 
-    paths = [save(plots.accuracy_over_rounds(runs), out / "accuracy_over_rounds.png"),
-             save(plots.per_class_vs_frequency(runs), out / "per_class_accuracy.png"),
-             save(plots.per_client_distribution(runs), out / "per_client_accuracy.png")]
+    groups = group_runs(runs) if groups is None else groups
+    paths = [save(plots.accuracy_over_rounds(groups), out / "accuracy_over_rounds.png"),
+             save(plots.per_class_vs_frequency(groups), out / "per_class_accuracy.png"),
+             save(plots.per_client_distribution(groups), out / "per_client_accuracy.png")]
     for i, run in enumerate(runs):
         if plots.count_matrix(run) is not None:
             safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in run.label)
@@ -407,16 +617,18 @@ def write_figures(runs: list[RunData], out: Path) -> list[Path]:
 
 
 def report(run_dirs: list[str], out: str | Path) -> dict:
-    """Read the runs, then write report.md, report.csv and the figures to ``out``. Raises ReportError for a path
+    """Read the runs, group repetitions (:func:`group_runs`), then write report.md, report.csv,
+    report_groups.csv and the figures to ``out``. Raises ReportError for a path
     that is not a run, a broken config.yaml or an output folder that cannot be written; what else could not be
     read is in the returned ``problems`` (and in report.md)."""
     paths = expand_runs(run_dirs)
     runs = [load_run(p, lab) for p, lab in zip(paths, unique_labels(paths), strict=True)]
+    groups = group_runs(runs)
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        md, csv_path = write_tables(runs, out)
-        figures = write_figures(runs, out)
+        md, csv_path, groups_csv = write_tables(runs, out, groups)
+        figures = write_figures(runs, out, groups)
         with open(md, "a") as f:
             f.writelines(f"![{p.stem}]({p.name})\n\n" for p in figures)
     except OSError as e:
@@ -428,14 +640,14 @@ def report(run_dirs: list[str], out: str | Path) -> dict:
         where = f" ({e.filename})" if e.filename and str(e.filename) != str(out) else ""
         raise ReportError(f"cannot write the report to {out}: {what}{where}; choose a writable folder with "
                           f"--out DIR") from e
-    return {"markdown": md, "csv": csv_path, "figures": figures,
-            "problems": [msg for r in runs for msg in r.problems]}
+    return {"markdown": md, "csv": csv_path, "groups_csv": groups_csv, "figures": figures, "groups": groups,
+            "problems": [msg for r in runs for msg in r.problems] + group_problems(groups)}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="fedlt-report", description="Compare fedlt runs: a Markdown and a CSV table plus PNG plots. "
-        "Finished and interrupted runs both work.")
+        "Finished and interrupted runs both work. Runs that differ only in seed are grouped: mean ± std (n).")
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
                         help="run directories, or folders holding runs at any depth (e.g. runs/ or a multirun "
                              "folder)")
@@ -448,9 +660,14 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     for msg in written["problems"]:
         print(f"fedlt-report: warning: {msg}", file=sys.stderr)
-    print(f"wrote {written['markdown']}, {written['csv']} and {len(written['figures'])} figures to "
-          f"{Path(args.out).resolve()}")
+    groups = written["groups"]
+    repeated = sum(g.n > 1 for g in groups)
+    note = f" ({repeated} of {len(groups)} configurations repeated over seeds: mean ± std)" if repeated else ""
+    print(f"wrote {written['markdown']}, {written['csv']}, {written['groups_csv']} and {len(written['figures'])} "
+          f"figures to {Path(args.out).resolve()}{note}")
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # python -m fedlt.eval.report: run the imported module, whose classes plots.py shares
+    from fedlt.eval.report import main as _main
+
+    _main()

@@ -3,7 +3,8 @@ before the reply is built.
 
 The update is every floating-point shared array the client uploads minus what the server sent (model
 parameters and BatchNorm running statistics alike: the statistics are computed from the client's data, so they
-are clipped and noised with the weights rather than averaged in the clear). Integer buffers (BatchNorm's batch
+are clipped and noised with the weights rather than averaged in the clear; ``privacy.batchnorm_stats=
+unprotected`` leaves floating-point buffers out of the update, sent as trained). Integer buffers (BatchNorm's batch
 counter, which would reveal the client's number of batches) are replaced by the value the server sent. The
 update is clipped to L2 norm C as one flat vector (Flower's ``clip_inputs_inplace``: scale by min(1, C/norm)).
 
@@ -56,16 +57,21 @@ def client_sensitivity(params: dict) -> float:
 
 
 def protect_update(cfg: dict, sent: ArrayRecord, shared: dict[str, torch.Tensor], uploads: dict, config,
-                   rnd: int, cid: int) -> dict[str, float]:
+                   rnd: int, cid: int, buffers=frozenset()) -> dict[str, float]:
     """Turn ``shared`` (the client's trained shared arrays, modified in place) into what may leave the client:
-    sent + clipped update (+ local noise). Returns the reply metrics this adds."""
+    sent + clipped update (+ local noise). ``buffers``: the model's buffer names (with
+    ``privacy.batchnorm_stats=unprotected`` floating-point buffers are sent as trained, outside the update).
+    Returns the reply metrics this adds."""
     p = cfg["privacy"]
     clip_norm = float(config[CLIP_KEY]) if CLIP_KEY in config else float(p["clip_norm"])
     start = sent.to_torch_state_dict()
     for k in [k for k in shared if k not in start]:  # not a model array the server sent: never uploaded
         uploads[k] = shared.pop(k)
+    unprotected = p.get("batchnorm_stats", "clip") == "unprotected"
     update = {}
     for k, v in shared.items():
+        if unprotected and k in buffers and v.is_floating_point():
+            continue  # averaged in the clear by the server (not covered by epsilon; the user chose so)
         if v.is_floating_point():
             update[k] = v.double() - start[k].double()
         else:

@@ -13,6 +13,10 @@ NONE, CENTRAL, LOCAL = "none", "dp_central", "dp_local"
 SAMPLINGS = ("poisson", "fixed")
 ACCOUNTANTS = ("rdp", "pld")
 ON_BUDGET = ("calibrate", "stop")
+BN_STATS = ("clip", "unprotected")
+_BN_DOC = ("floating-point buffers (BatchNorm running statistics): clip = part of the clipped, noised update "
+           "(protected; they can dominate its norm); unprotected = left out of the update and averaged in the clear "
+           "(NOT covered by epsilon; recorded in results.json)")
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,7 @@ class CentralParams:
     clipped_count_stddev: float | None = param(None, "adaptive: sigma_b, the std of the noise on the count of "
                                                      "unclipped updates; null = expected clients per round / 20 "
                                                      "(the paper's recommendation)", lo=0.0, lo_open=True)
+    batchnorm_stats: str = param("clip", _BN_DOC, choices=BN_STATS)
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,7 @@ class LocalParams:
                                             "updates of a client differ by at most 2C)", lo=0.0, lo_open=True)
     accountant: str = param("rdp", "accountant that composes a client's uploads over the rounds it took part in",
                             choices=ACCOUNTANTS)
+    batchnorm_stats: str = param("clip", _BN_DOC, choices=BN_STATS)
 
 
 MODES = {NONE: NoPrivacy, CENTRAL: CentralParams, LOCAL: LocalParams}

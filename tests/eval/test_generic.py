@@ -95,6 +95,7 @@ def test_bad_test_agnostic_config_is_a_config_error(bad):
     from tests.conftest import ROOT
 
     cfg = yaml.safe_load((ROOT / "configs" / "config.yaml").read_text())
+    cfg.pop("defaults"), cfg.pop("hydra")  # Hydra's own keys: never in a composed config
     for group in ("dataset/fmnist_lt", "partition/dirichlet", "model/cnn", "strategy/fedavg", "backend/local"):
         cfg[group.split("/")[0]] = yaml.safe_load((ROOT / "configs" / f"{group}.yaml").read_text())
     cfg["eval"]["test_agnostic"]["imbalance_factors"] = bad

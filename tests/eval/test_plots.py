@@ -1,17 +1,21 @@
 """The figures' conventions, checked on the matplotlib objects (fast, no run): integer client ticks, class names,
 no axis past the last class, per-class values as points, legends that tell runs apart and explain the markers,
-one colour for empty cells."""
+one colour for empty cells; a group of seeds drawn as its mean with ± std error bars (their lengths checked)."""
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
 import numpy as np
+import pytest
+from matplotlib.collections import PathCollection, PolyCollection
 from matplotlib.colors import to_hex
+from matplotlib.container import ErrorbarContainer
 
 from fedlt.data.figure import EMPTY_COLOUR, MAX_NAMED_CLASSES, partition_figure
 from fedlt.eval import plots
-from fedlt.eval.report import RunData
+from fedlt.eval.report import RunData, RunGroup
 
 NAMES = ["cat", "dog", "eel", "fox"]
 COUNTS = [[30, 0, 4, 1], [10, 12, 0, 0], [0, 3, 2, 1]]  # 3 clients x 4 classes, empty cells included
@@ -122,4 +126,94 @@ def test_every_figure_renders_for_a_run_without_detail(tmp_path):
     empty = RunData(path=tmp_path, label="empty")
     for fig in (plots.accuracy_over_rounds([empty]), plots.per_class_vs_frequency([empty]),
                 plots.per_client_distribution([empty]), plots.partition_heatmap(empty)):
+        fig.savefig(tmp_path / "f.png")
+
+
+# ------------------------------------------------------------------------------------------ seeds: error bars
+def seeded(seed: int, acc: float, strategy="fedavg", per_class=(0.9, 0.5, 0.2, 0.0), clients=(0.5, 0.7, None)):
+    """A run whose accuracies scale with ``acc`` (rounds 1-3: acc/3, 2acc/3, acc)."""
+    r = run(f"{strategy}_{seed}", strategy, seed, per_class=per_class)
+    r.rows = [{"round": k, "generic/accuracy": acc * k / 3, "personalized/accuracy": acc * k / 3 + 0.1}
+              for k in (1, 2, 3)]
+    r.detail["personalized"] = {"model/unmasked/per_client_accuracy": list(clients)}
+    return r
+
+
+def three_seeds() -> RunGroup:
+    return RunGroup([seeded(1, 0.3, per_class=(0.9, 0.5, 0.2, 0.0), clients=(0.5, 0.7, None)),
+                     seeded(2, 0.5, per_class=(0.7, 0.5, None, 0.1), clients=(0.6, 0.9, 0.3)),
+                     seeded(3, 0.4, per_class=(0.8, 0.2, 0.4, 0.3), clients=(0.2, 0.4, 0.6))])
+
+
+def bar_half_lengths(container: ErrorbarContainer) -> list[tuple[float, float, float]]:
+    """(x, centre, half length) of each vertical error bar."""
+    (bars,) = container.lines[2]
+    return [(float(s[0][0]), float((s[0][1] + s[1][1]) / 2), float(abs(s[1][1] - s[0][1]) / 2))
+            for s in bars.get_segments()]
+
+
+def errorbars(ax) -> list[ErrorbarContainer]:
+    return [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+
+
+def test_a_group_of_seeds_is_one_label_and_runs_keep_theirs():
+    group, other = three_seeds(), seeded(7, 0.2, "fedprox")
+    assert plots.run_labels([group, other]) == ["fedavg · 3 seeds", "fedprox · seed 7"]
+    assert plots.run_labels([RunGroup([other])]) == plots.run_labels([other])  # a group of one is its run
+
+
+def test_accuracy_over_rounds_draws_mean_with_std_bars_and_band_for_a_group_only():
+    group, other = three_seeds(), seeded(7, 0.2, "fedprox")
+    fig = plots.accuracy_over_rounds([group, other])
+    for ax, offset in zip(fig.axes[:2], (0.0, 0.1), strict=True):
+        (bars,) = errorbars(ax)  # the group's; the single run has none
+        got = bar_half_lengths(bars)
+        accs = [0.3, 0.5, 0.4]
+        for (x, centre, half), k in zip(got, (1, 2, 3), strict=True):
+            values = [a * k / 3 + offset for a in accs]
+            assert x == k and centre == pytest.approx(statistics.fmean(values))
+            assert half == pytest.approx(statistics.stdev(values))  # sample std, n - 1
+        assert len([c for c in ax.collections if isinstance(c, PolyCollection)]) == 1  # the ±std band
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend == ["fedavg · 3 seeds", "fedprox · seed 7", plots.STD_NOTE]
+    plain = plots.accuracy_over_rounds([other, seeded(8, 0.3, "fedlc")])
+    assert not any(errorbars(ax) or ax.collections for ax in plain.axes)  # runs alone: lines as before
+    assert plots.STD_NOTE not in [t.get_text() for t in plain.legends[0].get_texts()]
+
+
+def test_per_class_accuracy_of_a_group_is_the_mean_with_std_bars():
+    group = three_seeds()
+    fig = plots.per_class_vs_frequency([group, seeded(7, 0.2, "fedprox")])
+    ax = fig.axes[0]
+    (bars,) = errorbars(ax)
+    order = list(np.argsort(-np.sum(COUNTS, axis=0), kind="stable"))
+    per_class = [r.per_class_accuracy() for r in group.runs]
+    for x, centre, half in bar_half_lengths(bars):
+        c = order[round(x + 0.25)]  # the first of two series sits 0.25 left of its class
+        values = [p[c] for p in per_class if p[c] is not None]
+        assert centre == pytest.approx(statistics.fmean(values))
+        assert half == pytest.approx(statistics.stdev(values) if len(values) > 1 else 0.0)
+    assert "mean ± std" in ax.get_title()
+    assert not errorbars(plots.per_class_vs_frequency([seeded(7, 0.2), seeded(8, 0.3, "fedlc")]).axes[0])
+
+
+def test_per_client_box_pools_the_seeds_and_a_bar_shows_the_spread_of_their_means():
+    group = three_seeds()
+    fig = plots.per_client_distribution([group, seeded(7, 0.2, "fedprox")])
+    ax = fig.axes[0]
+    (bars,) = errorbars(ax)
+    means = [statistics.fmean([v for v in r.per_client_accuracy() if v is not None]) for r in group.runs]
+    ((x, centre, half),) = bar_half_lengths(bars)
+    assert x == pytest.approx(1.36)  # beside the group's box
+    assert (centre, half) == (pytest.approx(statistics.fmean(means)), pytest.approx(statistics.stdev(means)))
+    assert [len(c.get_offsets()) for c in ax.collections if isinstance(c, PathCollection)] == [8, 2]
+    assert "3 clients × 3 seeds, 1 without a test set" in tick_labels(ax)[0]
+    assert any("mean over seeds ± std" in t.get_text() for t in fig.legends[0].get_texts())
+    assert not errorbars(plots.per_client_distribution([seeded(7, 0.2), seeded(8, 0.3, "fedlc")]).axes[0])
+
+
+def test_figures_with_groups_render(tmp_path):
+    items = [three_seeds(), seeded(7, 0.2, "fedprox")]
+    for fig in (plots.accuracy_over_rounds(items), plots.per_class_vs_frequency(items),
+                plots.per_client_distribution(items)):
         fig.savefig(tmp_path / "f.png")

@@ -3,11 +3,16 @@
 import csv
 import json
 import os
+import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
 
-from fedlt.eval.report import expand_runs, load_run, report, unique_labels
+import pytest
+import yaml
+
+from fedlt.eval.report import expand_runs, group_runs, load_run, report, unique_labels
 
 REPORT = str(Path(sys.executable).with_name("fedlt-report"))
 
@@ -179,3 +184,161 @@ def test_a_fresh_matplotlib_does_not_log_through_fedlt_logging(tmp_path):
     assert (tmp_path / "mpl").is_dir()  # the cache really was built in this run
     assert (tmp_path / "partition.png").stat().st_mode & 0o777 == 0o666 & ~umask()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+# ------------------------------------------------------------------------------------------ seeds: mean ± std (n)
+def finished_run(path: Path, strategy: str, seed: int, generic: float, pers: float, tail: float | None = None,
+                 **config) -> Path:
+    """A finished run (results.json) with known final accuracies; ``config`` entries are merged over the
+    defaults (nested dicts one level deep). backend.num_cpus, cache_dir and log_level change with the seed: they
+    do not change what a run computes, so they must not keep repetitions apart."""
+    cfg = {"seed": seed, "num_rounds": 3, "num_clients": 3, "strategy": {"name": strategy},
+           "dataset": {"name": "toy", "imbalance_factor": 10}, "partition": {"name": "dirichlet", "alpha": 0.5},
+           "optimizer": {"lr": 0.05}, "eval": {"mask_absent_classes": True},
+           "backend": {"num_cpus": seed % 3 + 1, "client_batching": False}, "cache_dir": f"/tmp/cache{seed}",
+           "log_level": ["INFO", "WARNING"][seed % 2], "checkpoint": {"every": seed % 4}}
+    for k, v in config.items():
+        cfg[k] = {**cfg[k], **v} if isinstance(v, dict) and isinstance(cfg.get(k), dict) else v
+    path.mkdir(parents=True)
+    (path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    rows = [{"round": r, "generic/accuracy": generic * r / 3, "personalized/accuracy": pers * r / 3,
+             "time/elapsed_s": 10.0 * r} for r in (1, 2, 3)]
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    results = {"generic/accuracy": generic, "personalized/accuracy": pers, "rounds_completed": 3,
+               "time/wall_s": 30.0, "generic/test_agnostic/uniform/accuracy": generic,
+               "detail": {"generic": {"model/per_class_accuracy": [0.9, generic, 0.1]},
+                          "personalized": {"model/masked/per_client_accuracy": [pers - 0.1, pers, pers + 0.1]}}}
+    if tail is not None:
+        results["generic/cumulative_75_95/tail_accuracy"] = tail
+    (path / "results.json").write_text(json.dumps(results))
+    return path
+
+
+# 2 methods x 3 seeds: (seed, generic, personalized, generic tail); fedprox's seed-2 run lacks the tail value
+SWEEP = {"fedavg": [(3407, 0.50, 0.70, 0.10), (1, 0.52, 0.74, 0.20), (2, 0.54, 0.72, 0.30)],
+         "fedprox": [(3407, 0.40, 0.60, 0.05), (1, 0.46, 0.66, 0.15), (2, 0.43, 0.69, None)]}
+
+
+def sweep(base: Path) -> list[Path]:
+    return [finished_run(base / f"{i}_{strategy}_seed{seed}", strategy, seed, g, p, t)
+            for i, (strategy, seed, g, p, t) in enumerate((s, *v) for s, vs in SWEEP.items() for v in vs)]
+
+
+def md_row(md: str, first_cell: str) -> list[str]:
+    """The cells of the first Markdown table row whose first cell is ``first_cell``."""
+    line = next(ln for ln in md.splitlines() if ln.startswith(f"| {first_cell} |"))
+    return [c.strip() for c in line.strip().strip("|").split(" | ")]
+
+
+def md_table(md: str, first_header: str) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the first Markdown table whose first column is ``first_header``."""
+    lines = md.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith(f"| {first_header} |"))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    cells = [[c.strip() for c in ln.strip().strip("|").split(" | ")] for ln in lines[start:end]]
+    return cells[0], cells[2:]
+
+
+def test_seeds_of_one_configuration_are_grouped_with_mean_std_and_n(tmp_path):
+    runs = sweep(tmp_path / "multirun")
+    single = finished_run(tmp_path / "multirun" / "9_fedavg_lr", "fedavg", 1, 0.60, 0.80, 0.25,
+                          optimizer={"lr": 0.1})
+    res = report_cli(tmp_path / "multirun", "--out", tmp_path / "out")
+    assert res.returncode == 0 and res.stderr == "", res.stderr
+    assert "(2 of 3 configurations repeated over seeds: mean ± std)" in res.stdout
+    md = (tmp_path / "out" / "report.md").read_text()
+    header, rows = md_table(md, "group")
+    col = {h: i for i, h in enumerate(header)}
+    assert header[:3] == ["group", "n", "seeds"]
+    by_label = {r[0]: r for r in rows}
+    # labelled by what tells the groups apart (here also the lr of the run on its own)
+    assert list(by_label) == ["fedavg · lr=0.05 · 3 seeds", "fedprox · lr=0.05 · 3 seeds", "fedavg · lr=0.1 · seed 1"]
+    fedavg, fedprox, alone = by_label.values()
+    # fedavg: generic 0.50/0.52/0.54 -> 0.52 ± 0.02; personalized 0.70/0.74/0.72 -> 0.72 ± 0.02; tail 0.2 ± 0.1
+    assert (fedavg[col["n"]], fedavg[col["seeds"]]) == ("3", "3407, 1, 2")
+    assert fedavg[col["generic acc"]] == "0.5200 ± 0.0200"
+    assert fedavg[col["pers. acc"]] == "0.7200 ± 0.0200"
+    assert fedavg[col["generic tail"]] == "0.2000 ± 0.1000"
+    # fedprox: generic 0.40/0.46/0.43 -> 0.43 ± 0.03; personalized 0.60/0.66/0.69 -> 0.65 ± sqrt(0.0021) = 0.0458;
+    # the tail value exists in two runs only: 0.05/0.15 -> 0.10 ± 0.0707, marked (n=2)
+    assert fedprox[col["generic acc"]] == "0.4300 ± 0.0300"
+    assert fedprox[col["pers. acc"]] == "0.6500 ± 0.0458"
+    assert fedprox[col["generic tail"]] == "0.1000 ± 0.0707 (n=2)"
+    assert fedprox[col["generic bal. acc"]] == "–"  # no run has it
+    assert fedprox[col["status"]] == "finished" and fedprox[col["rounds"]] == "3/3"
+    # a group of one: n = 1 and the value as a run's, no ±
+    assert (alone[col["n"]], alone[col["seeds"]], alone[col["generic acc"]]) == ("1", "1", "0.6000")
+    assert "±" not in " ".join(alone)
+    # the per-run detail stays: every run with its own values, group by group
+    header, per_run = md_table(md.split("## Per run", 1)[1], "run")
+    assert header[:2] == ["run", "seed"]
+    assert [r[0] for r in per_run] == [p.name for p in runs] + [single.name]
+    assert [r[header.index("generic acc")] for r in per_run[:3]] == ["0.5000", "0.5200", "0.5400"]
+    # the other tables are grouped too
+    assert md_row(md.split("## Test-agnostic", 1)[1], "fedprox · lr=0.05 · 3 seeds")[1] == "0.4300 ± 0.0300"
+    # report_groups.csv: mean, std (n - 1) and n of every scalar; report.csv keeps a row per run
+    with open(tmp_path / "out" / "report_groups.csv") as f:
+        groups = {r["group"]: r for r in csv.DictReader(f)}
+    g = groups["fedprox · lr=0.05 · 3 seeds"]
+    assert (g["n"], g["seeds"], g["runs"].split()) == ("3", "3407 1 2", [p.name for p in runs[3:]])
+    assert float(g["generic/accuracy mean"]) == pytest.approx(0.43)
+    assert float(g["generic/accuracy std"]) == pytest.approx(0.03)
+    assert float(g["personalized/accuracy std"]) == pytest.approx(statistics.stdev([0.60, 0.66, 0.69]))
+    assert g["generic/cumulative_75_95/tail_accuracy n"] == "2"
+    one = groups["fedavg · lr=0.1 · seed 1"]
+    assert (one["n"], one["generic/accuracy mean"], one["generic/accuracy std"]) == ("1", "0.6", "")
+    with open(tmp_path / "out" / "report.csv") as f:
+        assert len(list(csv.DictReader(f))) == 7
+
+
+def test_runs_that_differ_in_anything_but_seed_are_not_grouped(tmp_path):
+    base = tmp_path / "runs"
+    a = finished_run(base / "a", "fedavg", 1, 0.5, 0.7)
+    variants = [
+        finished_run(base / "b", "fedavg", 2, 0.6, 0.7, optimizer={"lr": 0.1}),  # a hyperparameter
+        finished_run(base / "c", "fedavg", 3, 0.6, 0.7, num_rounds=4),  # resumable with another value, but
+        # it changes what the run computes
+        finished_run(base / "d", "fedavg", 4, 0.6, 0.7, backend={"client_batching": True}),  # not placement
+        finished_run(base / "e", "fedprox", 5, 0.6, 0.7),  # another method
+    ]
+    interrupted = finished_run(base / "f", "fedavg", 6, 0.6, 0.7)  # same config, stopped after round 2:
+    (interrupted / "results.json").unlink()  # its values come from another round
+    (interrupted / "metrics.jsonl").write_text(json.dumps({"round": 2, "generic/accuracy": 0.3}) + "\n")
+    no_config = fake_run(base / "g", [3])
+    (no_config / "config.yaml").unlink()
+    other_no_config = fake_run(base / "h", [3])
+    (other_no_config / "config.yaml").unlink()
+    runs = [load_run(p) for p in (a, *variants, interrupted, no_config, other_no_config)]
+    assert [g.n for g in group_runs(runs)] == [1] * len(runs)
+    written = report([str(base)], tmp_path / "out")
+    md = written["markdown"].read_text()
+    assert "±" not in md and "## Per run" not in md and "| group |" not in md
+    # ... while a repetition that only ran elsewhere (other CPUs, cache, log level, checkpoints) is grouped
+    again = finished_run(base / "z", "fedavg", 9, 0.7, 0.7)
+    assert [g.n for g in group_runs([load_run(a), load_run(again)])] == [2]
+
+
+def test_a_single_run_prints_as_before(tmp_path):
+    run = finished_run(tmp_path / "s1", "fedavg", 1, 0.5, 0.7, 0.2)
+    written = report([str(run)], tmp_path / "out")
+    md = written["markdown"].read_text()
+    assert "±" not in md and "## Per run" not in md and "| group |" not in md and "seeds" not in md
+    header, rows = md_table(md, "run")
+    assert header == ["run", "strategy", "dataset", "IF", "partition", "clients", "status", "rounds", "wall_s",
+                      "generic acc", "generic bal. acc", "generic macro-F1", "generic worst-class", "generic head",
+                      "generic mid", "generic tail", "generic ECE", "pers. acc", "pers. acc (weighted)", "pers. std",
+                      "pers. p10", "pers. head", "pers. mid", "pers. tail"]
+    assert rows == [["s1", "fedavg", "toy", "10", "dirichlet α=0.5", "3", "finished", "3/3", "30.0000", "0.5000",
+                     "–", "–", "–", "–", "–", "0.2000", "–", "0.7000", "–", "–", "–", "–", "–", "–"]]
+    assert md_row(md, "s1")[1:] == rows[0][1:]
+    header, rows = md_table(md.split("## Test-agnostic", 1)[1], "run")
+    assert (header, rows) == (["run", "uniform"], [["s1", "0.5000"]])
+
+
+def test_two_copies_of_one_run_are_pointed_out(tmp_path):
+    a = finished_run(tmp_path / "runs" / "a", "fedavg", 1, 0.5, 0.7)
+    shutil.copytree(a, tmp_path / "runs" / "a_copy")
+    res = report_cli(tmp_path / "runs", "--out", tmp_path / "out")
+    assert res.returncode == 0, res.stderr
+    assert "fedlt-report: warning: a, a_copy have the same configuration and seed 1" in res.stderr
+    assert "understates the seed-to-seed spread" in (tmp_path / "out" / "report.md").read_text()

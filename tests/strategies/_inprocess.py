@@ -12,7 +12,7 @@ from fedlt.core import checkpoint
 from tests.core.probe import compose, run_inprocess
 
 TINY = ("experiment=smoke", "model.width=8", "model.feature_dim=16", "num_clients=4", "participation=0.5",
-        "eval.every=1", "checkpoint.every=1", "checkpoint.keep=0", "dataset.n_max=500")
+        "eval.every=2", "checkpoint.every=1", "checkpoint.keep=0", "dataset.n_max=500")
 
 
 def without_time(rows: list[dict]) -> list[dict]:

@@ -18,9 +18,10 @@ TINY = ("experiment=smoke", "num_clients=3", "num_rounds=1", "eval.every=1", "mo
         "backend.num_cpus=1")
 PERSONAL_PREDICTORS = {"fedrod": ("personal", "generic_head"), "fedbabu": ("finetuned", "global"),
                        "fedetf": ("finetuned", "global"), "creff": ("creff", "fedavg"),
-                       "fedloge": ("gla_fr", "phi_plus_psi", "sse_c")}
+                       "fedloge": ("gla_fr", "phi_plus_psi", "sse_c"), "fedproto": ("proto", "model")}
 GENERIC_PREDICTORS = {"creff": ("creff", "fedavg"), "fedloge": ("psi_realigned", "sse_c", "psi")}
-AFTER = {"fedper", "fedrep", "fedbabu", "ditto", "fedrod", "fedetf", "local", "fedloge"}
+AFTER = {"fedper", "fedrep", "fedbabu", "ditto", "fedrod", "fedetf", "local", "fedloge", "fedbn", "fedproto"}
+NO_GLOBAL_MODEL = {"local", "fedbn", "fedproto"}  # generic accuracy is logged as not applicable (null)
 SPREAD = ("accuracy", "accuracy_weighted", "accuracy_std", "accuracy_min", "accuracy_p10", "balanced_accuracy")
 
 
@@ -56,7 +57,7 @@ def test_strategy_runs_end_to_end_and_logs_every_metric(sweep, strategy):
     for pred in PERSONAL_PREDICTORS.get(strategy, ()):
         keys += [f"personalized/{pred}/{v}/{k}" for v in ("masked", "unmasked") for k in SPREAD]
     generic = ("accuracy", "balanced_accuracy", "worst_class_accuracy")
-    if strategy == "local":  # no global model: generic accuracy is logged as not applicable
+    if strategy in NO_GLOBAL_MODEL:  # no global model: generic accuracy is logged as not applicable
         assert row["generic/accuracy"] is None and results["generic/accuracy"] is None
     else:
         keys += [f"generic/{k}" for k in generic]

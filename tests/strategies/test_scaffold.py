@@ -3,12 +3,15 @@ and the server step is an average; c_i follows option II; the server's c moves b
 over N; c and c_i survive checkpoints."""
 
 import numpy as np
+import pytest
 import torch
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
+from fedlt.config import ConfigError
 from strategies.fedavg import FedAvgClient
 from strategies.scaffold import C, C_I, DC, SCAFFOLDClient, Server, trainable
 from tests.conftest import needs_fmnist
+from tests.core.probe import compose
 from tests.strategies import _inprocess
 from tests.strategies.conftest import build, context, reply_from, snapshot, tiny_cfg, tiny_data, train_reply
 
@@ -144,3 +147,9 @@ def test_resume_is_exact_and_needs_the_server_control_variate(tmp_path):
     _, last = _inprocess.assert_resume_is_exact("scaffold", tmp_path, "server")
     assert set(last.server_state) == {"c"}
     assert all(any(k.startswith("scaffold.c_i.") for k in recs["fedlt.state"]) for recs in last.clients.values())
+
+
+def test_control_variate_upload_is_declared_so_client_level_dp_refuses_it():
+    assert "control variate" in SCAFFOLDClient.extra_uploads
+    with pytest.raises(ConfigError, match="strategy=scaffold: its clients upload the change of the client's control"):
+        compose("strategy=scaffold", "privacy=dp_central")
