@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedlt.core import checkpoint
+from fedlt.core import checkpoint, personalize
 from fedlt.core.interrupt import StopRequest
 from fedlt.core.rounds import RunOutcome
 from fedlt.data.federated import prepare, summary
@@ -148,6 +148,7 @@ def final_results(cfg: dict, outcome: RunOutcome, wall_s: float, sim_s: float) -
         "time/wall_s": wall_s,
         "time/simulation_s": sim_s,
         "personalized/stage": stage,
+        "personalized/budget": personalize.budget(get_strategy(cfg["strategy"]["name"]).client_cls, cfg),
         "personalized/mask_absent_classes": bool(cfg["eval"]["mask_absent_classes"]),
         "strategy": cfg["strategy"]["name"],
         "dataset": cfg["dataset"]["name"],

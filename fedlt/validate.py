@@ -17,6 +17,7 @@ from fedlt.api.server import ServerAlgorithm
 from fedlt.config import (ConfigError, check_bool, check_choice, check_float, check_int, check_params,
                           clients_per_round, fail, get)
 from fedlt.core.cohort import check_supported
+from fedlt.core.personalize import PersonalizationParams
 from fedlt.core.faults import FAULT_MODES, FAULT_PHASES, fault_modes
 from fedlt.data.local_testsets import LOCAL_TESTS
 from fedlt.data.longtail import PROFILES
@@ -37,7 +38,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # sampler/strategy are checked by their owners). Anything else -- a typo, a `+key=...` -- is refused.
 TOP_LEVEL = ("seed", "num_clients", "num_rounds", "participation", "local_epochs", "batch_size", "optimizer", "eval",
              "checkpoint", "resume", "fault_injection", "data_root", "cache_dir", "log_level", "dataset",
-             "partition", "model", "strategy", "loss", "sampler", "backend", "privacy")
+             "partition", "model", "strategy", "loss", "sampler", "backend", "privacy", "personalization")
 SECTIONS = {
     "optimizer": ("lr", "momentum", "weight_decay"),
     "eval": ("every", "batch_size", "mask_absent_classes", "local_test", "holdout_fraction", "test_agnostic",
@@ -66,6 +67,8 @@ def validate(cfg: dict) -> dict:
     check_float(cfg, "optimizer.weight_decay", 0.0)
     _log_level(cfg)
     _eval(cfg)
+    if "personalization" in cfg:
+        check_params(cfg, "personalization", PersonalizationParams, ignore=())
     check_choice(cfg, "dataset.source", sorted(SOURCES))
     check_float(cfg, "dataset.imbalance_factor", 1.0)
     check_choice(cfg, "dataset.profile", PROFILES)

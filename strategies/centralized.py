@@ -12,6 +12,8 @@ clients: each evaluates the central model on its own local test set (``personali
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from fedlt.data.federated import ClientData, DataPlan, client_data
@@ -43,7 +45,8 @@ class CentralizedClient(ClientAlgorithm):
         return self._pooled[1]
 
     def train(self, ctx: ClientContext) -> dict[str, float]:
-        ctx.data = self.pooled(ctx.data.plan)  # the reply's num-examples is then the pooled size
+        # the reply's num-examples is then the pooled size; the run's sampler (sampler=) draws from the pool
+        ctx.data = dataclasses.replace(self.pooled(ctx.data.plan), sampler=ctx.data.sampler)
         return super().train(ctx)
 
 

@@ -17,8 +17,6 @@ every algorithm.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -26,10 +24,8 @@ import torch
 from torch import nn
 
 from fedlt.data.federated import ClientData
-from fedlt.eval.posthoc import with_prior_correction
 from fedlt.train.local import run_local_epochs, sgd, supervised_step
 from fedlt.train.losses import build_loss
-from fedlt.train.samplers import sampler_spec
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
 
@@ -41,7 +37,7 @@ class ClientContext:
     ``model`` already holds: the initial weights, then the frozen arrays, then the global arrays, then this
     client's personal model state. ``state`` is the client's other persistent tensors (e.g. Ditto's personal
     model), saved back after the call. ``generator`` is derived from (seed, round, client id). ``data`` carries
-    the run's client sampler (``data.sampler``, see ``__setattr__``)."""
+    the run's client sampler (``data.sampler``: the core attaches it; fedlt.train.samplers)."""
 
     model: nn.Module
     data: ClientData
@@ -61,20 +57,6 @@ class ClientContext:
     def strategy(self) -> dict:
         return self.cfg["strategy"]
 
-    def __post_init__(self):
-        self.data = self.data  # now that cfg and round are set: attach the run's sampler (below)
-
-    def __setattr__(self, name, value):
-        """``data`` always carries the run's client sampler (``sampler=``, fedlt.train.samplers), also when an
-        algorithm swaps it (e.g. centralized's pooled set): every ``batches``/``run_local_epochs`` call on
-        ``ctx.data`` then draws with it, whichever strategy makes the call. A shallow copy: the tensors are the
-        cached view's, which algorithms must not modify in place."""
-        if name == "data" and "round" in self.__dict__ and value is not None and isinstance(self.cfg, dict):
-            spec = sampler_spec(self.cfg, self.round)
-            if spec is not None or getattr(value, "sampler", None) is not None:
-                value = dataclasses.replace(value, sampler=spec)
-        object.__setattr__(self, name, value)
-
 
 class ClientAlgorithm:
     """Client side of FedAvg; subclass it and override what differs.
@@ -88,18 +70,8 @@ class ClientAlgorithm:
       * ``extra_uploads`` -- what ``ctx.uploads`` carries, in words ("" = nothing besides the shared model
         arrays). Client-level DP (``privacy=dp_central|dp_local``) clips and noises only the model update, so it
         refuses algorithms that declare extra uploads, naming them.
-
-    Every ``predictors`` (this class's and any subclass's override) is wrapped once, when the class is defined
-    (:func:`_posthoc_predictors`): with ``eval.posthoc.enabled`` the outermost call appends the prior-corrected
-    primary predictor (``<primary>+prior``, the client's training prior; fedlt.eval.posthoc). Overrides need not
-    do anything for it, and calls through ``super().predictors`` add it only once.
     """
 
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        own = cls.__dict__.get("predictors")
-        if own is not None and not getattr(own, "_posthoc_wrapped", False):
-            cls.predictors = _posthoc_predictors(own)
 
     personal_prefixes: tuple[str, ...] = ()
     frozen_prefixes: tuple[str, ...] = ()
@@ -154,28 +126,3 @@ class ClientAlgorithm:
     def predictors(self, ctx: ClientContext) -> dict[str, Predictor]:
         ctx.model.eval()
         return {"model": ctx.model}
-
-
-_IN_PREDICTORS = "_fedlt_in_predictors"  # set on the ctx while its outermost predictors() call runs
-
-
-def _posthoc_predictors(fn):
-    """Wrap a ``predictors(self, ctx)`` so that its outermost call returns the algorithm's predictors plus the
-    ``eval.posthoc`` prior-corrected primary one (nested ``super().predictors`` calls pass through untouched)."""
-
-    @functools.wraps(fn)
-    def predictors(self, ctx):
-        if getattr(ctx, _IN_PREDICTORS, False):
-            return fn(self, ctx)
-        object.__setattr__(ctx, _IN_PREDICTORS, True)
-        try:
-            out = fn(self, ctx)
-        finally:
-            object.__setattr__(ctx, _IN_PREDICTORS, False)
-        return with_prior_correction(out, ctx.data.train_counts, ctx.cfg)
-
-    predictors._posthoc_wrapped = True
-    return predictors
-
-
-ClientAlgorithm.predictors = _posthoc_predictors(ClientAlgorithm.predictors)

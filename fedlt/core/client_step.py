@@ -13,6 +13,7 @@ the reply (simulation, see :mod:`fedlt.core.client_state`) or stays in ``context
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -25,15 +26,18 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
 from fedlt.api.client import ClientAlgorithm, ClientContext
+from fedlt.core import personalize
 from fedlt.core.client_state import PERSONAL, STATE, server_held
 from fedlt.core.cohort import average_states, train_cohort
 from fedlt.core.faults import act_out_fault
 from fedlt.core.model import build_run_model
 from fedlt.data.federated import ClientData, DataPlan, client_data
+from fedlt.eval.posthoc import with_prior_correction
 from fedlt.eval.predict import absent_class_mask, apply_mask, local_eval_record, predict_logits
 from fedlt.privacy import enabled as privacy_enabled
 from fedlt.privacy.clipping import protect_update
 from fedlt.seeding import EVAL, INIT, TRAIN, derive_seed, torch_generator
+from fedlt.train.samplers import sampler_spec
 
 FROZEN = "fedlt.frozen"  # context.state record holding the frozen arrays a client received once
 COHORT = "cohort"  # message type suffix of client batching: "train.cohort"
@@ -151,6 +155,23 @@ def start_state(rt: ClientRuntime, msg: Message, context: Context) -> list[Array
     return sources
 
 
+def with_sampler(data: ClientData, cfg: dict, rnd: int) -> ClientData:
+    """The client's data with the run's ``sampler=`` attached (how every local batch is drawn; a shallow copy
+    of the cached view, whose tensors algorithms must not modify)."""
+    sampler = sampler_spec(cfg, rnd)
+    return data if sampler is None else dataclasses.replace(data, sampler=sampler)
+
+
+def predictors_of(algo: ClientAlgorithm, ctx: ClientContext) -> dict:
+    """The personalized predictors a client is scored with: the algorithm's own (the first is primary), the
+    prior-corrected primary (``eval.posthoc``), and the shared fine-tuning (``personalization.*``) for methods
+    without a personalization step of their own -- the same additions for every method."""
+    predictors = with_prior_correction(algo.predictors(ctx), ctx.data.train_counts, ctx.cfg)
+    if personalize.applies(type(algo), ctx.cfg):
+        predictors["finetuned"] = personalize.finetuned(algo, ctx)
+    return predictors
+
+
 def load_client(rt: ClientRuntime, msg: Message, context: Context, purpose: int) -> ClientContext:
     """Reset the model, load frozen -> global -> personal state, seed, and return the algorithm's context.
     Personal/extra state comes with the message when the server holds it (simulation), else from
@@ -169,7 +190,7 @@ def load_client(rt: ClientRuntime, msg: Message, context: Context, purpose: int)
     seed = int(rt.cfg["seed"])
     torch.manual_seed(derive_seed(seed, purpose, rnd, cid))  # for anything not using the generator
     received = msg.content[RECEIVED].to_torch_state_dict() if RECEIVED in msg.content else {}
-    return ClientContext(model=model, data=view_of(rt, cid), cfg=rt.cfg, round=rnd,
+    return ClientContext(model=model, data=with_sampler(view_of(rt, cid), rt.cfg, rnd), cfg=rt.cfg, round=rnd,
                          generator=torch_generator(seed, purpose, rnd, cid), state=state, device=rt.device,
                          received=received)
 
@@ -215,7 +236,7 @@ def evaluate(rt: ClientRuntime, msg: Message, context: Context) -> Message:
     record: dict = {"num-examples": int(data.test_y.numel()), "client-id": data.client_id,
                     "total": data.test_counts.tolist(), "train-total": data.train_counts.tolist()}
     batch = int(rt.cfg["eval"]["batch_size"])
-    for name, fn in rt.algorithm.predictors(ctx).items():
+    for name, fn in predictors_of(rt.algorithm, ctx).items():
         logits = predict_logits(fn, data.test_x, batch, rt.device)
         for variant, lg in (("unmasked", logits), ("masked", apply_mask(logits, mask))):
             record.update(local_eval_record(lg, data.test_y, rt.plan.num_classes, f"{name}/{variant}"))

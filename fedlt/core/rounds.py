@@ -75,6 +75,7 @@ class Dispatch:
         self.client_of_node: dict[int, int] = {}
         self.has_frozen: set[int] = set()
         self.client_states = ClientStateStore()
+        self.ever_sampled: set[int] = set()  # clients sent a train message so far (personalized/never_sampled)
 
     def discover(self, grid: Grid, timeout: float) -> None:
         """Ask every node once for its client id (partition-id), so sampling can be by client id."""
@@ -114,6 +115,7 @@ class Dispatch:
             clients = self.privacy.sample(rnd, self.strategy.sample_clients)
         else:
             clients = self.strategy.sample_clients(rnd)
+        self.ever_sampled.update(clients)
         if not self.cfg["backend"].get("client_batching"):
             return [self.message(c, arrays, config, MessageType.TRAIN) for c in clients]
         out = []
@@ -173,6 +175,8 @@ def run_rounds(strategy: ServerAlgorithm, grid: Grid, cfg: dict, plan: DataPlan,
         strategy.load_server_state(state.server_state)
         outcome.rows, outcome.failures, outcome.detail = list(state.rows), list(state.failures), dict(state.detail)
         set_rng_state(state.rng)
+        for r in range(1, start + 1):  # sampling is a pure function of (seed, round)
+            dispatch.ever_sampled.update(strategy.sample_clients(r))
     privacy = None
     if privacy_enabled(cfg):  # fedlt.privacy.server: the core's only privacy object; strategies never see it
         from fedlt.privacy.server import RunPrivacy
@@ -258,6 +262,7 @@ def run_rounds(strategy: ServerAlgorithm, grid: Grid, cfg: dict, plan: DataPlan,
             pers, pers_detail = strategy.personalized_metrics(ev_ok, bool(cfg["eval"]["mask_absent_classes"]))
             row.update(pers)
             row["eval/clients"] = len(ev_ok)
+            row["personalized/never_sampled"] = int(cfg["num_clients"]) - len(dispatch.ever_sampled)
             last_row = outcome.rows[-1]["round"] if outcome.rows else 0
             since_last_row = [f for f in outcome.failures if f["round"] > last_row]
             if since_last_row:

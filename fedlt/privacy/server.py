@@ -29,7 +29,9 @@ it at fixed points; strategies never see it.
 aggregates as the strategy says and accounts, per client, the composition of its uploads; the reported epsilon
 is that of the client with the most uploads so far.
 
-Both: running variances that noise pushed below zero are clamped to 0 after aggregation (post-processing).
+Both: running variances that noise pushed below zero are clamped to 0 after aggregation (post-processing). With
+``privacy.batchnorm_stats=unprotected`` the floating-point buffers are outside the mechanism: the clients send
+them as trained and ``dp_central`` releases their plain mean (results.json says they are not covered by epsilon).
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ class RunPrivacy:
         self.uploads: dict[int, int] = {}  # dp_local: client id -> uploads so far
         self.unclipped_fraction: float | None = None
         self.budget_stop = False
-        if False:
+        if state:
             self.load_state_dict(state)
         elif self.mode == CENTRAL and self.target is not None and p["on_budget"] == "calibrate":
             self.z = accounting.calibrate_noise(float(self.target), self.num_rounds, self.delta, self.sampling,

@@ -103,22 +103,15 @@ class Inherits(ViaSuper):
 @pytest.mark.parametrize(("algo", "names"), [(ClientAlgorithm, ["model"]), (ViaSuper, ["model", "other"]),
                                              (OwnOnly, ["personal"]), (Inherits, ["model", "other"])])
 def test_every_predictors_override_gets_the_local_prior_corrected_primary_once(algo, names):
-    assert list(algo(posthoc_cfg(enabled=False)).predictors(context(posthoc_cfg(enabled=False)))) == names
+    from fedlt.core.client_step import predictors_of
+
+    assert list(predictors_of(algo(posthoc_cfg(enabled=False)), context(posthoc_cfg(enabled=False)))) == names
     ctx = context(posthoc_cfg())
-    preds = algo(ctx.cfg).predictors(ctx)
+    preds = predictors_of(algo(ctx.cfg), ctx)
     assert list(preds) == [*names, f"{names[0]}+prior"]  # appended once, after the algorithm's own
     x = torch.zeros(2, 1, 8, 8)
     want = Constant()(x) - torch.log(torch.tensor(COUNTS, dtype=torch.float64) / 111).float()  # the client's prior
     assert torch.allclose(preds[f"{names[0]}+prior"](x), want)
-
-
-def test_every_registered_strategy_client_is_wrapped():
-    import strategies
-    from strategies import get_strategy
-
-    for name in strategies.STRATEGIES:
-        predictors = get_strategy(name).client_cls.predictors
-        assert getattr(predictors, "_posthoc_wrapped", False), name
 
 
 TINY_RUN = ("dataset=synthetic_lt", "dataset.num_classes=4", "dataset.train_per_class=40", "dataset.test_per_class=10",

@@ -113,8 +113,9 @@ def test_real_client_step_sends_only_clipped_updates(tmp_path, monkeypatch):
     def spy(self, rnd, sent, replies):
         start = sent.to_torch_state_dict()
         for r in replies:
-            seen.append((delta_norm(r.content["arrays"].to_torch_state_dict(), start), self.round_clip + rounding(start),
-                         float(next(iter(r.content.metric_records.values()))[UNCLIPPED])))
+            bit = float(next(iter(r.content.metric_records.values()))[UNCLIPPED])
+            norm = delta_norm(r.content["arrays"].to_torch_state_dict(), start)
+            seen.append((norm, self.round_clip + rounding(start), bit))
         return original(self, rnd, sent, replies)
 
     monkeypatch.setattr(RunPrivacy, "noised_replies", spy)

@@ -5,7 +5,6 @@ run after an evaluated, checkpointed round."""
 import json
 import math
 
-import pytest
 import torch
 
 from fedlt.core import checkpoint

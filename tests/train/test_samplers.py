@@ -183,36 +183,36 @@ def test_every_sampler_draws_only_the_clients_own_samples(name):
 
 
 # ----------------------------------------------------------------------- every strategy's local SGD
-def test_the_client_context_gives_every_local_update_the_sampler():
-    """``run_local_epochs(ctx.data, ...)`` (how strategies call it) and a swapped ``ctx.data`` (centralized's
-    pooled set) both draw with the run's sampler."""
+def test_the_client_step_gives_every_local_update_the_sampler():
+    """The client step attaches the run's sampler to the client's data (``with_sampler``), so
+    ``run_local_epochs(ctx.data, ...)`` -- how every strategy trains -- draws with it."""
+    from fedlt.core.client_step import with_sampler
+
     cfg = cfg_with("ros", epoch="resampled")
-    ctx = ClientContext(model=torch.nn.Linear(1, 1), data=client(), cfg=cfg, round=1, generator=torch.Generator())
-    assert ctx.data.sampler == sampler_spec(cfg)
+    data = with_sampler(client(), cfg, 1)
+    assert data.sampler == sampler_spec(cfg) and client().sampler is None
     seen = []
 
     def step(x, y):
         seen.append(torch.bincount(y, minlength=5))
         return 0.0
 
-    out = run_local_epochs(ctx.data, 1, 64, ctx.generator, step)
+    out = run_local_epochs(data, 1, 64, torch.Generator(), step)
     assert torch.stack(seen).sum(0).tolist() == [300, 300, 0, 300, 300]
     assert out["train/samples"] == 1200.0
-    ctx.data = client((5, 50, 0, 0, 0), cid=1)  # an algorithm swaps the data: the sampler follows
-    drawn = torch.cat([y for _, y in batches(ctx.data, 64, 1, ctx.generator)])
-    assert torch.bincount(drawn, minlength=5).tolist() == [50, 50, 0, 0, 0]
 
 
-def test_progressive_reads_the_round_from_the_client_context():
+def test_progressive_reads_the_round_from_the_client_step():
+    from fedlt.core.client_step import with_sampler
+
     cfg = cfg_with("progressive", num_rounds=3)
     for rnd, t in ((1, 0.0), (2, 0.5), (3, 1.0)):
-        ctx = ClientContext(model=torch.nn.Linear(1, 1), data=client(), cfg=cfg, round=rnd,
-                            generator=torch.Generator())
-        assert ctx.data.sampler.progress == t
+        assert with_sampler(client(), cfg, rnd).sampler.progress == t
 
 
 # ------------------------------------------------------------------------------------ client batching
 def test_client_batching_draws_with_the_sampler_like_the_sequential_loop():
+    from fedlt.core.client_step import with_sampler
     from fedlt.core.cohort import _schedule, train_cohort
     from fedlt.models import build_model
     from fedlt.seeding import torch_generator
@@ -235,7 +235,7 @@ def test_client_batching_draws_with_the_sampler_like_the_sequential_loop():
     algo, seq = ClientAlgorithm(cfg), []
     for d, g in zip(datas, gens(), strict=True):
         model.load_state_dict(start)
-        algo.train(ClientContext(model=model, data=d, cfg=cfg, round=1, generator=g))
+        algo.train(ClientContext(model=model, data=with_sampler(d, cfg, 1), cfg=cfg, round=1, generator=g))
         seq.append({k: v.detach().clone() for k, v in model.state_dict().items()})
     bat, _ = train_cohort(model, start, datas, gens(), cfg)
     for a, b in zip(seq, bat, strict=True):
