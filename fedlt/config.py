@@ -76,6 +76,21 @@ def check_bool(cfg: dict, path: str) -> bool:
     return v
 
 
+# Options that may change when a run is resumed: they do not change what the run computes (the determinism
+# tests show results do not depend on actors or CPUs per client), only how long it runs and where/how fast.
+RESUME_OVERRIDABLE = (
+    "num_rounds", "log_level", "data_root", "cache_dir",
+    "checkpoint.every", "checkpoint.keep", "checkpoint.on_signal",
+    "backend.address", "backend.num_cpus", "backend.num_gpus", "backend.num_cpus_per_client",
+    "backend.round_timeout_s", "backend.startup_timeout_s", "backend.log_to_driver", "backend.init_args",
+)
+
+
+def overridable(key: str) -> bool:
+    """May ``key`` change when a run is resumed (:data:`RESUME_OVERRIDABLE`, or a key below one)?"""
+    return any(key == k or key.startswith(k + ".") for k in RESUME_OVERRIDABLE)
+
+
 def clients_per_round(num_clients: int, participation: float) -> int:
     """How many clients a round samples: max(int(participation * N), 1) (FedLoGe's and Flower's rule)."""
     return max(int(float(participation) * int(num_clients)), 1)

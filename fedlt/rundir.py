@@ -10,7 +10,8 @@ import shutil
 import time
 from pathlib import Path
 
-from fedlt.core.checkpoint import RESUME_OVERRIDABLE, CheckpointError, overridable
+from fedlt.config import RESUME_OVERRIDABLE, overridable
+from fedlt.core.checkpoint import CheckpointError
 
 LOCK = ".fedlt.lock"
 RUN_FILES = ("config.yaml", "results.json", "metrics.jsonl", "partition.json", "checkpoints", "tb")

@@ -30,18 +30,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fedlt.config import RESUME_OVERRIDABLE, overridable
+
 FORMAT = 1
 CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^round-(\d{6,})\.pt$")
 
-# Options that may change when a run is resumed: they do not change what the run computes (the determinism
-# tests show results do not depend on actors or CPUs per client), only how long it runs and where/how fast.
-RESUME_OVERRIDABLE = (
-    "num_rounds", "log_level", "data_root", "cache_dir",
-    "checkpoint.every", "checkpoint.keep", "checkpoint.on_signal",
-    "backend.address", "backend.num_cpus", "backend.num_gpus", "backend.num_cpus_per_client",
-    "backend.round_timeout_s", "backend.startup_timeout_s", "backend.log_to_driver", "backend.init_args",
-)
 
 
 class CheckpointError(ValueError):
@@ -140,10 +134,6 @@ def _flatten(d: dict, prefix: str = "") -> dict:
         else:
             out[key] = v
     return out
-
-
-def overridable(key: str) -> bool:
-    return any(key == k or key.startswith(k + ".") for k in RESUME_OVERRIDABLE)
 
 
 def identity(cfg: dict) -> dict:

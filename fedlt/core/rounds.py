@@ -175,8 +175,6 @@ def run_rounds(strategy: ServerAlgorithm, grid: Grid, cfg: dict, plan: DataPlan,
         strategy.load_server_state(state.server_state)
         outcome.rows, outcome.failures, outcome.detail = list(state.rows), list(state.failures), dict(state.detail)
         set_rng_state(state.rng)
-        for r in range(1, start + 1):  # sampling is a pure function of (seed, round)
-            dispatch.ever_sampled.update(strategy.sample_clients(r))
     privacy = None
     if privacy_enabled(cfg):  # fedlt.privacy.server: the core's only privacy object; strategies never see it
         from fedlt.privacy.server import RunPrivacy
@@ -184,6 +182,9 @@ def run_rounds(strategy: ServerAlgorithm, grid: Grid, cfg: dict, plan: DataPlan,
         privacy = RunPrivacy(cfg, state.privacy if state is not None else None,
                              buffers={k for k, _ in model.named_buffers()})
         dispatch.privacy = privacy
+    for r in range(1, start + 1):  # sampling is a pure function of (seed, round)
+        dispatch.ever_sampled.update(strategy.sample_clients(r) if privacy is None
+                                     else privacy.clients(r, strategy.sample_clients))
     test_x, test_y = global_test(plan)
     generic_eval = GenericEvaluation.for_run(cfg, plan, test_y)
     startup_timeout = float(cfg["backend"].get("startup_timeout_s") or timeout)

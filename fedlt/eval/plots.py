@@ -21,7 +21,7 @@ import numpy as np
 
 from fedlt.data.figure import MAX_NAMED_CLASSES, class_axis, count_heatmap, quiet_matplotlib
 from fedlt.eval.groups import shot_groups
-from fedlt.eval.report import RunGroup, as_groups, flatten
+from fedlt.eval.runs import RunGroup, as_groups, flatten
 
 quiet_matplotlib()
 

@@ -102,14 +102,17 @@ class RunPrivacy:
                                   else self.z)
 
     # ------------------------------------------------------------------------------------ sampling
-    def sample(self, rnd: int, strategy_sample) -> list[int]:
-        """The clients of round ``rnd``: Poisson (dp_central, sampling=poisson) or the strategy's uniform sample
-        of m clients without replacement."""
+    def clients(self, rnd: int, strategy_sample) -> list[int]:
+        """The clients of round ``rnd`` (a pure function of (seed, round)): Poisson (dp_central,
+        sampling=poisson) or the strategy's uniform sample of m clients without replacement."""
         if self.mode == CENTRAL and self.sampling == accounting.POISSON:
             rng = numpy_rng(self.seed, SAMPLE, rnd)
-            clients = [int(c) for c in (rng.random(self.num_clients) < self.q).nonzero()[0]]
-        else:
-            clients = list(strategy_sample(rnd))
+            return [int(c) for c in (rng.random(self.num_clients) < self.q).nonzero()[0]]
+        return list(strategy_sample(rnd))
+
+    def sample(self, rnd: int, strategy_sample) -> list[int]:
+        """:meth:`clients`, counted: the round's train messages go to these clients."""
+        clients = self.clients(rnd, strategy_sample)
         if self.mode == LOCAL:
             for c in clients:
                 self.uploads[c] = self.uploads.get(c, 0) + 1  # counted when asked: a lost reply is still counted

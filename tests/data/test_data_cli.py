@@ -13,7 +13,7 @@ import pytest
 
 from fedlt.compose import CONFIG_DIR
 from fedlt.validate import validate
-from fedlt.data.cli import compose_config, main
+from fedlt.data_cli import compose_config, main
 from tests.conftest import ROOT
 from tests.data.conftest import png_bytes
 

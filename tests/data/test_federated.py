@@ -10,7 +10,7 @@ import pytest
 import fedlt.data.federated as federated
 from fedlt.config import ConfigError
 from fedlt.validate import validate
-from fedlt.data.cli import compose_config
+from fedlt.data_cli import compose_config
 from fedlt.data.federated import client_data, prepare, summary
 from fedlt.data.sources import DataError
 from fedlt.eval.groups import SHOT_RULES

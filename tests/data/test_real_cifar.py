@@ -10,7 +10,7 @@ import subprocess
 
 import numpy as np
 from fedlt.data.cifar import CIFAR10_CLASSES, CIFAR100_CLASSES, CIFAR100_COARSE_CLASSES
-from fedlt.data.cli import inspect_split
+from fedlt.data_cli import inspect_split
 from tests.conftest import ROOT, SHARED_DATA
 from tests.data.conftest import cifar_cfg, needs_real
 from tests.data.test_data_cli import FEDLT_DATA

@@ -46,7 +46,7 @@ def _fail(message: str) -> int:
 def _group_options(group: str) -> str:
     from pathlib import Path
 
-    from fedlt.cli import CONFIG_DIR
+    from fedlt.compose import CONFIG_DIR
 
     return ", ".join(sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml")))
 
@@ -73,14 +73,9 @@ def parse_args(argv: list[str]) -> tuple[list[str], str | None, bool]:
 
 def compose_config(overrides: list[str]) -> dict:
     """The resolved config `fedlt` would run with (Hydra's compose API over the same config folder)."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
+    from fedlt.compose import compose_resolved
 
-    from fedlt.cli import CONFIG_DIR
-
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3", job_name="fedlt-data"):
-        cfg = compose(config_name="config", overrides=overrides)
-    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # type: ignore[return-value]
+    return compose_resolved(overrides, job_name="fedlt-data")
 
 
 def inspect_split(overrides: list[str], figure: str | None = None) -> dict:
