@@ -82,3 +82,13 @@ def test_spent_budget_stops_the_run_with_a_checkpoint(tmp_path):
     state = checkpoint.latest(tmp_path / "run", cfg)
     again, _ = run_inprocess(cfg, tmp_path / "run", resume_from=state)
     assert again.finished and again.last_round == 2 and again.rows == outcome.rows
+
+
+def test_dp_local_run_accounts_the_busiest_client(tmp_path):
+    cfg = compose(*TINY, "num_rounds=2", "privacy=dp_local", "privacy.epsilon=0.8")
+    outcome, _ = run_inprocess(cfg, tmp_path / "run")
+    assert outcome.finished
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [r["privacy/max_uploads"] for r in rows] == [1, 2]  # 2 of 4 clients a round; seed 1 picks one twice
+    assert 0 < rows[0]["privacy/epsilon"] < rows[1]["privacy/epsilon"]
+    assert outcome.privacy["mode"] == "dp_local" and outcome.privacy["epsilon_per_upload"] == 0.8
