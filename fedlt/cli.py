@@ -77,8 +77,35 @@ class _HeldStderr:
 _STDERR = _HeldStderr()
 
 
+def describe_options() -> str:
+    """``fedlt --help``: every option with its default and its documentation, read from the commented YAML
+    files that define them (configs/config.yaml and each group's files), so the text lives in one place."""
+    root = Path(CONFIG_DIR)
+    out = ["fedlt: federated long-tailed learning on Flower + Ray. Override any option as key=value, choose a",
+           "group entry as group=name (e.g. `fedlt strategy=fedprox strategy.mu=0.01 num_rounds=20`), a preset as",
+           "experiment=NAME. Hydra's own help: `fedlt --hydra-help`.", "", "== Options (configs/config.yaml) =="]
+    text = (root / "config.yaml").read_text().split("\nhydra:")[0]
+    out += [line for line in text.splitlines() if line.strip()]
+    out += ["", "== Config groups (group=name; each file documents its options) =="]
+    for group in sorted(d for d in root.iterdir() if d.is_dir()):
+        out.append(f"{group.name}:")
+        for f in sorted(group.glob("*.yaml")):
+            lines = [ln for ln in f.read_text().splitlines() if ln.strip()]
+            doc = next((ln.lstrip("# ").strip() for ln in lines if ln.startswith("#") and "@package" not in ln), "")
+            out.append(f"  {f.stem:<34} {doc[:150]}")
+            out += [f"      {ln}" for ln in lines if not ln.startswith(("#", "defaults", "  -", "name:"))
+                    and group.name != "experiment"]
+    return "\n".join(out)
+
+
 def main() -> None:
     """The ``fedlt`` console script."""
+    if any(a in ("--help", "-h") for a in sys.argv[1:]):
+        try:
+            print(describe_options(), flush=True)
+        except BrokenPipeError:  # `fedlt --help | head`
+            sys.stdout = None
+        return
     given = _given_run_dir()
     _GIVEN[:] = [given, given is not None and given.exists()]
     _STDERR.hold()

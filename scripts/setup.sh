@@ -12,7 +12,10 @@ if [ -n "${VIRTUAL_ENV:-}" ] && [ -z "${FEDLT_VENV:-}" ]; then
 else
   VENV="${FEDLT_VENV:-.venv}"
 fi
-[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV" 1>&2
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "setup: creating the virtual environment $VENV" >&2
+  python3 -m venv "$VENV" 1>&2
+fi
 PY="$VENV/bin/python"
 
 stamp="$VENV/.fedlt-setup-$(cat pyproject.toml | sha256sum | cut -c1-16)"
@@ -20,6 +23,7 @@ if [ ! -f "$stamp" ]; then
   # PyTorch first, pinned: on the project's CI machines `torch==2.13.0` is a CPU build on local disk, while an
   # unpinned torch pulled in by a dependency would download a multi-GB CUDA build. Elsewhere pip takes it from
   # PyPI; a torch you installed yourself (any >= 2.2, e.g. a CUDA build) is kept.
+  echo "setup: installing fedlt and its dependencies into $VENV (the first time takes ~2 min; later runs skip this)" >&2
   if ! "$PY" -c "import torch" 2>/dev/null; then
     "$PY" -m pip install -q --disable-pip-version-check "${FEDLT_TORCH_SPEC:-torch==2.13.0}" 1>&2
   fi
@@ -31,6 +35,7 @@ fi
 # root) the loader also finds it in $FEDLT_DATA_ROOT or downloads it with dataset.download=true.
 if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && command -v apt-get >/dev/null \
    && [ "$(id -u)" = 0 ]; then
+  echo "setup: installing Fashion-MNIST (Debian package dataset-fashion-mnist)" >&2
   apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 \
     || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1; } \
     || echo "setup: could not install dataset-fashion-mnist with apt-get; see README (Data)" >&2

@@ -11,6 +11,21 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def _absl_handler_on_the_real_stderr() -> None:
+    """absl's logging handler (imported with TensorBoard by any in-process run) keeps the ``sys.stderr`` it saw
+    when it was created -- inside a test, pytest's capture file -- and *closes* that stream when logging's
+    handlers are shut down, which Hydra's logging set-up does in every in-process `fedlt` call: pytest's own
+    capture file would be closed under it. Point it at the process's real stderr, which absl never closes."""
+    try:
+        from absl import logging as absl_logging
+    except ImportError:  # pragma: no cover
+        return
+    absl_logging.get_absl_handler().python_handler.stream = sys.__stderr__
+
+
+_absl_handler_on_the_real_stderr()
 FEDLT = str(Path(sys.executable).with_name("fedlt"))
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 SHARED_DATA = Path(os.environ.get("FEDLT_DATA_ROOT") or ROOT.parent / "shared" / "data")

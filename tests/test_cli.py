@@ -18,6 +18,10 @@ def test_smoke_experiment_end_to_end(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.strip().splitlines()[-1] == f"run_dir: {run_dir.resolve()}"
     assert "Traceback" not in res.stderr
+    noise = [ln for ln in (res.stderr + res.stdout).splitlines()
+             if "raylet" in ln or "task_manager" in ln or "setup plugin" in ln or "fontManager" in ln]
+    assert not noise, noise  # a clean run prints fedlt's lines only (no Ray, alembic or matplotlib chatter)
+    assert not any(oct((run_dir / n).stat().st_mode)[-3:] != "644" for n in ("partition.png", "results.json"))
     for name in ("config.yaml", "metrics.jsonl", "results.json", "partition.json"):
         assert (run_dir / name).is_file(), name
     assert list((run_dir / "tb").glob("events.out.tfevents.*"))
@@ -41,3 +45,14 @@ def test_smoke_experiment_end_to_end(tmp_path):
 
 
 # Bad input (these nine cases and 40 more) is covered by tests/test_reliability_bad_input.py.
+
+
+def test_help_describes_every_option_with_its_documentation():
+    from fedlt.cli import describe_options
+
+    text = describe_options()
+    assert "num_rounds: 15" in text and "# federated rounds" in text  # root options with their comments
+    assert "mu: 0.01" in text and "proximal strength" in text  # a group's option with its comment
+    for group in ("strategy:", "dataset:", "sampler:", "privacy:", "experiment:"):
+        assert f"\n{group}\n" in text
+    assert "hydra:" not in text.split("== Config groups")[0]
