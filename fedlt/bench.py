@@ -78,30 +78,12 @@ def compose(overrides: list[str]) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- memory
-def _children_map() -> dict[int, list[int]]:
-    out: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        ppid = int(stat[stat.rfind(")") + 2 :].split()[1])
-        out.setdefault(ppid, []).append(int(entry))
-    return out
-
-
 def process_tree(root: int | None = None) -> list[int]:
     """``root`` and all its descendants (Ray's GCS, raylet and actor processes are children of the driver)."""
+    from fedlt.flower.ray_backend import descendants
+
     root = os.getpid() if root is None else root
-    children, out, todo = _children_map(), [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo.extend(children.get(pid, []))
-    return out
+    return [root, *descendants(root)]
 
 
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
