@@ -98,8 +98,39 @@ def describe_options() -> str:
     return "\n".join(out)
 
 
+def check_sweep(argv: list[str]) -> None:
+    """``fedlt -m``: compose and validate every job of the sweep before the first one starts, so a bad value in
+    job 7 is refused now, naming the job, instead of after six finished runs. Uses Hydra's own override parser
+    and the basic sweeper's expansion (the jobs Hydra will run, in its order)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from fedlt.compose import compose_resolved
+    from fedlt.validate import validate
+
+    overrides = [a for a in argv if a not in ("-m", "--multirun") and not a.startswith("hydra.")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception:  # noqa: BLE001 -- Hydra reports syntax errors itself, in its own words
+        return
+    jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+    if len(jobs) < 2:
+        return
+    errors = user_errors()
+    for number, job in enumerate(jobs):
+        try:
+            validate(compose_resolved(job, job_name="fedlt-sweep-check"))
+        except errors as e:
+            fail(f"sweep job #{number} ({' '.join(job)}) would be refused, so no job was started: {e}")
+        except Exception as e:  # noqa: BLE001 -- interpolation / composition errors are user errors too
+            fail(f"sweep job #{number} ({' '.join(job)}) cannot be composed, so no job was started: "
+                 f"{' '.join(str(e).split('Config search path')[0].split())}")
+
+
 def main() -> None:
     """The ``fedlt`` console script."""
+    if any(a in ("-m", "--multirun") for a in sys.argv[1:]):
+        check_sweep(sys.argv[1:])
     if any(a in ("--help", "-h") for a in sys.argv[1:]):
         try:
             print(describe_options(), flush=True)

@@ -56,3 +56,12 @@ def test_help_describes_every_option_with_its_documentation():
     for group in ("strategy:", "dataset:", "sampler:", "privacy:", "experiment:"):
         assert f"\n{group}\n" in text
     assert "hydra:" not in text.split("== Config groups")[0]
+
+
+def test_a_sweep_with_one_bad_job_is_refused_before_any_job_starts(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    res = run_fedlt("-m", "experiment=smoke", "num_rounds=2,abc", f"hydra.sweep.dir={sweep_dir}", timeout=120)
+    assert res.returncode == 2, res.stderr[-2000:]
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("fedlt: error:")]
+    assert len(errors) == 1 and "sweep job #1" in errors[0] and "num_rounds='abc'" in errors[0], res.stderr
+    assert "Traceback" not in res.stderr and not sweep_dir.exists()  # nothing ran, nothing was written
