@@ -191,7 +191,10 @@ def hydra_main(cfg: DictConfig) -> None:
     except errors as e:
         give_up(str(e))
     except Exception as e:  # OmegaConf interpolation / missing values are user errors too
-        give_up(f"the configuration could not be resolved: {e}")
+        key = getattr(e, "full_key", None)  # OmegaConf's errors name the option they failed on
+        why = str(getattr(e, "msg", None) or e).strip().splitlines()[0]
+        give_up(f"the configuration could not be resolved{f' at {key}' if key else ''}: {why} (check the "
+                f"${{...}} interpolations of that option).")
     if resume:
         if run_dir != resume_dir:
             rundir.remove_created(run_dir, False, ours=False)  # the folder Hydra made for this invocation

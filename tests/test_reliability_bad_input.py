@@ -89,6 +89,7 @@ CASES = [
     ("resume-tilde", ["resume=~"], "resume"),
     ("run-dir-holds-a-run", ["hydra.run.dir=RUN"], "already holds a run"),
     ("empty-clients", ["num_clients=40", "partition.alpha=0.001"], "have no training data"),
+    ("recursive-interpolation", ["num_rounds=${num_rounds}"], "at num_rounds: Recursive interpolation"),
 ]
 if torch.cuda.device_count() == 0:
     CASES.append(("gpu-without-gpu", ["backend.num_gpus_per_client=1"], "backend.num_gpus_per_client=1"))
