@@ -190,6 +190,7 @@ def write_tables(runs: list[RunData], out: Path, groups: list[RunGroup] | None =
             for row, g in zip(rows, rows_of, strict=True):
                 row.append(" / ".join(_fmt(g.stat(f"{side}/{rule}/{grp}_accuracy")) for grp in GROUPS))
     lines.append(markdown_table(header, rows))
+    lines += personalization_section(what, first, rows_of)
     ta_keys = list(dict.fromkeys(k for r in runs for k in r.final if k.startswith("generic/test_agnostic/")))
     if ta_keys:
         lines += ["", "## Test-agnostic accuracy (primary generic predictor on re-sampled test sets)", ""]
@@ -215,6 +216,44 @@ def write_tables(runs: list[RunData], out: Path, groups: list[RunGroup] | None =
     md_path = out / "report.md"
     md_path.write_text("\n".join(lines) + "\n")
     return md_path, csv_path, groups_csv
+
+
+def budget_text(run: RunData) -> str:
+    """A run's personalization step in a few words, from results.json's ``personalized/budget``."""
+    b = (run.results or {}).get("personalized/budget")
+    if not isinstance(b, dict):
+        return "–"
+    step = str(b.get("step", "–"))
+    if step.startswith("shared"):
+        return f"shared FT: {b.get('epochs')} ep, lr {b.get('lr')}, {b.get('parts')}, {b.get('loss')}"
+    return "own step" if step.startswith("the method") else step
+
+
+def personalization_section(what: str, first: list[list], groups: list[RunGroup]) -> list[str]:
+    """As trained vs after the shared fine-tuning (README "Personalization"): for methods without a
+    personalization step of their own, the unchanged model and the `finetuned` predictor side by side; methods
+    with their own step show that step's result (their primary predictor)."""
+    rows, shown = [], False
+    for f, g in zip(first, groups, strict=True):
+        run = g.first
+        budget = budget_text(run)
+        mask = "masked" if run.final.get("personalized/mask_absent_classes", True) else "unmasked"
+        shared = budget.startswith("shared")
+        shown |= shared
+        ft = (lambda k: g.stat(f"personalized/finetuned/{mask}/{k}")) if shared else (lambda k: "–")
+        rows.append(list(f) + [run_info(run)["pers. stage"], budget,
+                               g.stat("personalized/accuracy"), ft("accuracy"),
+                               g.stat("personalized/cumulative_75_95/tail_accuracy"),
+                               ft("cumulative_75_95/tail_accuracy")])
+    if not shown and not any(budget_text(g.first) == "own step" for g in groups):
+        return []
+    return ["", "## Personalized: as trained and after the same fine-tuning", "",
+            "*as trained*: the primary personal predictor (for methods with a personalization step of their own, "
+            "that step's result; for the others the received global model unchanged). *shared FT*: the same "
+            "fine-tuning for every method without its own step (`personalization.*`), logged beside it as the "
+            "`finetuned` predictor. Tail: the `cumulative_75_95` rule.", "",
+            markdown_table([what, "pers. stage", "personalization", "pers. acc (as trained)", "pers. acc (shared FT)",
+                            "pers. tail (as trained)", "pers. tail (shared FT)"], rows)]
 
 
 # ------------------------------------------------------------------------------------------------- figures

@@ -344,3 +344,30 @@ def test_two_copies_of_one_run_are_pointed_out(tmp_path):
     assert res.returncode == 0, res.stderr
     assert "fedlt-report: warning: a, a_copy have the same configuration and seed 1" in res.stderr
     assert "understates the seed-to-seed spread" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_personalized_as_trained_and_after_the_shared_fine_tuning_side_by_side(tmp_path):
+    """Methods without their own personalization step show the unchanged model and the shared `finetuned`
+    predictor (mean ± std over seeds); a method with its own step shows that step's result and no FT value."""
+    base = tmp_path / "runs"
+    shared = {"step": "shared fine-tuning (predictor `finetuned`)", "epochs": 1, "lr": 0.01, "momentum": 0.9,
+              "parts": "all", "loss": "ce"}
+    for seed, ft in ((1, 0.80), (2, 0.84)):
+        run = finished_run(base / f"fedavg_{seed}", "fedavg", seed, 0.5, 0.70)
+        res = json.loads((run / "results.json").read_text())
+        res.update({"personalized/budget": shared, "personalized/stage": "before",
+                    "personalized/mask_absent_classes": True, "personalized/finetuned/masked/accuracy": ft})
+        (run / "results.json").write_text(json.dumps(res))
+    own = finished_run(base / "fedbabu_1", "fedbabu", 1, 0.4, 0.90)
+    res = json.loads((own / "results.json").read_text())
+    res.update({"personalized/budget": {"step": "the method's own", "strategy_options": {}},
+                "personalized/stage": "after", "personalized/finetuned/masked/accuracy": 0.90})
+    (own / "results.json").write_text(json.dumps(res))
+    assert report_cli(base, "--out", tmp_path / "out").returncode == 0
+    md = (tmp_path / "out" / "report.md").read_text().split("## Personalized: as trained", 1)[1]
+    header, rows = md_table(md, "group")
+    assert header[1:] == ["pers. stage", "personalization", "pers. acc (as trained)", "pers. acc (shared FT)",
+                          "pers. tail (as trained)", "pers. tail (shared FT)"]
+    by = {r[0].split(" · ")[0]: r for r in rows}
+    assert by["fedavg"][2:5] == ["shared FT: 1 ep, lr 0.01, all, ce", "0.7000 ± 0.0000", "0.8200 ± 0.0283"]
+    assert by["fedbabu"][1:5] == ["after", "own step", "0.9000", "–"]
