@@ -9,6 +9,9 @@ The head is chosen with ``model.head`` (any model, any strategy whose classifier
   ``NormedLinear``, selected in ``cifar_train.py`` whenever ``--loss_type LDAM``): logits are the cosines
   <f / |f|, w_c / |w_c|> in [-1, 1], no bias. LDAM's scale s = 30 is meant for these logits, so
   ``loss=ldam_drw`` requires this head (fedlt.train.losses.validate_loss).
+
+The normalisation layer is chosen with ``model.norm``: ``batch`` (default) or ``group`` (GroupNorm, needed by
+``privacy=dp_sgd``; :mod:`fedlt.models.norm`).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedlt.models.cnn import SmallCNN
+from fedlt.models.norm import NORMS, norm_name  # noqa: F401 -- model.norm's values (validate)
 from fedlt.models.resnet import CifarResNet
 
 MODELS = ("cnn", "resnet8", "resnet18", "resnet34")
@@ -81,10 +85,11 @@ def build_backbone(cfg: dict, in_channels: int) -> tuple[nn.Module, int]:
     """Backbone and its feature width from the ``model`` config group."""
     name = cfg["name"]
     if name == "cnn":
-        net = SmallCNN(in_channels, width=int(cfg.get("width", 32)), feature_dim=int(cfg.get("feature_dim", 128)))
+        net = SmallCNN(in_channels, width=int(cfg.get("width", 32)), feature_dim=int(cfg.get("feature_dim", 128)),
+                       norm=norm_name(cfg))
         return net, net.feature_dim
     if name in ("resnet8", "resnet18", "resnet34"):
-        net = CifarResNet(name, in_channels, widths=cfg.get("widths"))
+        net = CifarResNet(name, in_channels, widths=cfg.get("widths"), norm=norm_name(cfg))
         return net, net.feature_dim
     raise ValueError(f"unknown model {name!r}; allowed: {', '.join(MODELS)}")
 

@@ -14,6 +14,10 @@ Gaussian mechanism.
 ``rounds`` such events compose (``SelfComposedDpEvent``). With adaptive clipping the second query (the noised
 count of unclipped updates) is folded into the effective z (see :mod:`fedlt.privacy.server`).
 
+Sample-level DP-SGD (``privacy=dp_sgd``): every local step of client k is a Poisson-subsampled Gaussian over its
+own samples (rate q_k, multiplier sigma_k), so its steps compose exactly like Poisson-sampled rounds above
+(:func:`dp_sgd_epsilon`).
+
 Local DP: every upload of a client is a Gaussian mechanism with multiplier std / sensitivity; a client's uploads
 compose over the rounds it took part in (no amplification: the server sees who sent what).
 
@@ -129,6 +133,19 @@ def local_epsilon(multiplier: float, uploads: int, delta: float, kind: str = "rd
     event = dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(multiplier), uploads)
     with quiet():
         return float(fresh_accountant(kind).compose(event).get_epsilon(delta))
+
+
+def dp_sgd_epsilon(sigma: float, q: float, steps: int, delta: float) -> float:
+    """Sample-level DP-SGD (``privacy=dp_sgd``): epsilon of one client after ``steps`` local steps, each a
+    Poisson-subsampled Gaussian (rate q, noise multiplier sigma = noise std / clip norm) under add/remove-one
+    sample: ``SelfComposedDpEvent(PoissonSampledDpEvent(q, GaussianDpEvent(sigma)), steps)``, RDP. The same
+    event as one round of Poisson-sampled DP-FedAvg, so :func:`central_epsilon` computes it."""
+    return central_epsilon(float(sigma), int(steps), float(delta), POISSON, 0, 0, float(q), "rdp")
+
+
+def calibrate_dp_sgd(target_epsilon: float, q: float, steps: int, delta: float) -> float:
+    """The smallest sigma whose ``steps`` DP-SGD steps at rate q spend at most ``target_epsilon`` (RDP)."""
+    return calibrate_noise(float(target_epsilon), int(steps), float(delta), POISSON, 0, 0, float(q), "rdp")
 
 
 def adaptive_update_multiplier(z: float, count_stddev: float) -> float:

@@ -13,6 +13,9 @@ update is clipped to L2 norm C as one flat vector (Flower's ``clip_inputs_inplac
 * ``dp_local``: Gaussian noise of std sensitivity*sqrt(2 ln(1.25/delta))/epsilon is added to every entry of the
   clipped update on the client (Flower's ``LocalDpMod``), from a stream seeded by (seed, round, client).
 
+* ``dp_sgd`` (sample-level DP): the update was produced by DP-SGD (:mod:`fedlt.privacy.dp_sgd`) and is sent as
+  trained; only the withholding below applies.
+
 Arrays that are not model arrays (``ctx.uploads``) are never sent under DP: they would be neither clipped nor
 noised. Algorithms that declare such uploads are refused before the run (:mod:`fedlt.validate`); undeclared
 ones are withheld here and the server stops the run (:meth:`fedlt.privacy.server.RunPrivacy.check_replies`)."""
@@ -24,7 +27,7 @@ import math
 import torch
 from flwr.app import ArrayRecord
 
-from fedlt.privacy.params import LOCAL
+from fedlt.privacy.params import DPSGD, LOCAL
 from fedlt.seeding import PRIVACY, torch_generator
 
 CLIP_KEY = "privacy-clip-norm"  # train-config key: the clipping norm of this round (adaptive clipping moves it)
@@ -67,6 +70,8 @@ def protect_update(cfg: dict, sent: ArrayRecord, shared: dict[str, torch.Tensor]
     start = sent.to_torch_state_dict()
     for k in [k for k in shared if k not in start]:  # not a model array the server sent: never uploaded
         uploads[k] = shared.pop(k)
+    if p["name"] == DPSGD:  # sample-level DP: the update is already private (DP-SGD); only ctx.uploads stay here
+        return {WITHHELD: float(len(uploads))} if uploads else {}
     unprotected = p.get("batchnorm_stats", "clip") == "unprotected"
     update = {}
     for k, v in shared.items():

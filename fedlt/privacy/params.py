@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from fedlt.config import param
 
-NONE, CENTRAL, LOCAL = "none", "dp_central", "dp_local"
+NONE, CENTRAL, LOCAL, DPSGD = "none", "dp_central", "dp_local", "dp_sgd"
 SAMPLINGS = ("poisson", "fixed")
 ACCOUNTANTS = ("rdp", "pld")
 ON_BUDGET = ("calibrate", "stop")
@@ -79,7 +79,28 @@ class LocalParams:
     batchnorm_stats: str = param("clip", _BN_DOC, choices=BN_STATS)
 
 
-MODES = {NONE: NoPrivacy, CENTRAL: CentralParams, LOCAL: LocalParams}
+@dataclass(frozen=True)
+class DpSgdParams:
+    """``privacy=dp_sgd``: sample-level DP inside every client (DP-SGD, Abadi et al. 2016, as Opacus implements
+    it): Poisson-sampled batches, every per-sample gradient clipped to ``clip_norm``, Gaussian noise of std
+    noise_multiplier * clip_norm on their sum, divided by the expected batch size (:mod:`fedlt.privacy.dp_sgd`).
+    One client's (epsilon, delta) is for adding or removing one of ITS training samples."""
+
+    clip_norm: float = param(1.0, "C: every per-sample gradient (all trained parameters together) is clipped to "
+                                  "L2 norm C", lo=0.0, lo_open=True)
+    noise_multiplier: float = param(1.0, "sigma: N(0, (sigma*C)^2) is added to the sum of a batch's clipped "
+                                         "gradients; replaced by each client's calibrated value when target_epsilon "
+                                         "is set", lo=0.0)
+    delta: float = param(1.0e-5, "the delta of every client's (epsilon, delta); keep it below 1/(client's "
+                                 "training samples)", lo=0.0, hi=1.0, lo_open=True, hi_open=True)
+    target_epsilon: float | None = param(None, "null: report each client's epsilon; a number: every client's sigma "
+                                               "is calibrated so that training in ALL num_rounds rounds spends at "
+                                               "most this epsilon (holds whoever is sampled)", lo=0.0, lo_open=True)
+    physical_batch: int | None = param(None, "per-sample gradients are computed this many samples at a time "
+                                             "(memory only; the result is the same); null = the whole batch", lo=1)
+
+
+MODES = {NONE: NoPrivacy, CENTRAL: CentralParams, LOCAL: LocalParams, DPSGD: DpSgdParams}
 
 
 def mode(cfg: dict) -> str:

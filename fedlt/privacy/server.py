@@ -29,6 +29,12 @@ it at fixed points; strategies never see it.
 aggregates as the strategy says and accounts, per client, the composition of its uploads; the reported epsilon
 is that of the client with the most uploads so far.
 
+**dp_sgd** (sample-level DP-SGD inside the clients, :mod:`fedlt.privacy.dp_sgd`): the clients' updates are already
+private; the server aggregates as the strategy says and keeps, per client, the rounds it was asked to train
+(counted when asked, like dp_local's uploads). Client k's epsilon composes local_epochs * ceil(n_k / batch_size)
+Poisson-subsampled Gaussian steps per such round (rate q_k, multiplier sigma_k; both pure functions of the
+config and n_k, so the server recomputes them); ``privacy/epsilon`` is the largest client's.
+
 Both: running variances that noise pushed below zero are clamped to 0 after aggregation (post-processing). With
 ``privacy.batchnorm_stats=unprotected`` the floating-point buffers are outside the mechanism: the clients send
 them as trained and ``dp_central`` releases their plain mean (results.json says they are not covered by epsilon).
@@ -42,9 +48,9 @@ import torch
 from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 
 from fedlt.config import clients_per_round
-from fedlt.privacy import accounting
+from fedlt.privacy import accounting, dp_sgd
 from fedlt.privacy.clipping import CLIP_KEY, UNCLIPPED, WITHHELD, client_sensitivity, flat_norm
-from fedlt.privacy.params import CENTRAL, LOCAL
+from fedlt.privacy.params import CENTRAL, DPSGD, LOCAL
 from fedlt.seeding import PRIVACY, SAMPLE, numpy_rng, torch_generator
 
 NUM_EXAMPLES = "num-examples"  # the reply metric aggregation weights by (fedlt.api.server.NUM_EXAMPLES)
@@ -59,7 +65,7 @@ class RunPrivacy:
     """One run's privacy state and steps (see the module docstring). ``state``: a checkpoint's
     :meth:`state_dict` to continue from (the calibrated z is taken from it, not recomputed)."""
 
-    def __init__(self, cfg: dict, state: dict | None = None, buffers=frozenset()):
+    def __init__(self, cfg: dict, state: dict | None = None, buffers=frozenset(), train_sizes=None):
         self.cfg = cfg
         self.unprotected = (frozenset(buffers) if cfg["privacy"].get("batchnorm_stats", "clip") == "unprotected"
                             else frozenset())  # float buffers averaged in the clear (the user's explicit choice)
@@ -70,7 +76,7 @@ class RunPrivacy:
         self.num_rounds = int(cfg["num_rounds"])
         self.sample_size = clients_per_round(n, cfg["participation"])
         self.delta = float(p["delta"])
-        self.kind = str(p["accountant"])
+        self.kind = str(p.get("accountant", "rdp"))
         self.target = p.get("target_epsilon")
         if self.mode == CENTRAL:
             self.sampling = str(p["sampling"])
@@ -79,6 +85,11 @@ class RunPrivacy:
             self.adaptive = bool(p["adaptive_clipping"])
             self.count_stddev = (float(p["clipped_count_stddev"]) if p.get("clipped_count_stddev") is not None
                                  else self.expected / 20)
+        elif self.mode == DPSGD:  # sample-level: per-client accounting of DP-SGD steps (fedlt.privacy.dp_sgd)
+            self.sampling, self.q, self.expected, self.adaptive = "strategy", None, float(self.sample_size), False
+            if train_sizes is None or len(train_sizes) != n:
+                raise ValueError("privacy=dp_sgd needs every client's training-set size for its accountant")
+            self.train_sizes = [int(k) for k in train_sizes]
         else:
             self.sampling, self.q, self.expected, self.adaptive = "strategy", None, float(self.sample_size), False
             self.local_std = accounting.local_noise_std(client_sensitivity(p), float(p["epsilon"]), self.delta)
@@ -113,7 +124,7 @@ class RunPrivacy:
     def sample(self, rnd: int, strategy_sample) -> list[int]:
         """:meth:`clients`, counted: the round's train messages go to these clients."""
         clients = self.clients(rnd, strategy_sample)
-        if self.mode == LOCAL:
+        if self.mode in (LOCAL, DPSGD):
             for c in clients:
                 self.uploads[c] = self.uploads.get(c, 0) + 1  # counted when asked: a lost reply is still counted
         return clients
@@ -195,8 +206,28 @@ class RunPrivacy:
         """Round ``rnd`` ran (its sample was drawn and its aggregate released)."""
         self.rounds = rnd
 
+    # ------------------------------------------------------------------------------------ dp_sgd (per client)
+    def client_schedule(self, cid: int) -> tuple[float, float, int]:
+        """dp_sgd: client ``cid``'s (sampling rate q_k, noise multiplier sigma_k, DP-SGD steps per round)."""
+        n = self.train_sizes[cid]
+        return (dp_sgd.sampling_rate(n, int(self.cfg["batch_size"])), dp_sgd.noise_multiplier(self.cfg, n),
+                dp_sgd.steps_per_round(n, self.cfg))
+
+    def client_epsilon(self, cid: int) -> float:
+        """dp_sgd: epsilon of client ``cid`` after every round it was asked to train so far (its steps compose)."""
+        rounds = self.uploads.get(cid, 0)
+        if rounds == 0:
+            return 0.0
+        q, sigma, steps = self.client_schedule(cid)
+        return accounting.dp_sgd_epsilon(sigma, q, steps * rounds, self.delta)
+
+    def client_epsilons(self) -> list[float]:
+        return [self.client_epsilon(c) for c in range(self.num_clients)]
+
     def epsilon(self, rounds: int | None = None) -> float:
         rounds = self.rounds if rounds is None else rounds
+        if self.mode == DPSGD:  # the guarantee that holds for every client's samples: the largest
+            return max(self.client_epsilons(), default=0.0)
         if self.mode == CENTRAL:
             return accounting.central_epsilon(self.z, rounds, self.delta, self.sampling, self.num_clients,
                                               self.sample_size, self.q, self.kind)
@@ -213,7 +244,14 @@ class RunPrivacy:
         """The ``privacy/*`` values of the round just accounted (train and evaluation rows)."""
         out = {"privacy/epsilon": self.epsilon(), "privacy/delta": self.delta,
                "privacy/clip_norm": self.round_clip}
-        if self.mode == CENTRAL:
+        if self.mode == DPSGD:
+            eps = self.client_epsilons()
+            out["privacy/client_epsilon_max"] = max(eps, default=0.0)
+            out["privacy/client_epsilon_mean"] = sum(eps) / max(len(eps), 1)
+            if self.target is None:
+                out["privacy/noise_multiplier"] = self.z
+            out["privacy/max_uploads"] = max(self.uploads.values(), default=0)
+        elif self.mode == CENTRAL:
             out["privacy/noise_multiplier"] = self.z
             if self.adaptive:
                 out["privacy/update_noise_multiplier"] = self.update_multiplier
@@ -232,7 +270,26 @@ class RunPrivacy:
                    "batchnorm_stats", "clip") == "unprotected" else "clipped and noised with the update"),
                "not_protected": "train-reply diagnostics (num-examples, train/loss, steps, times) and the clients' "
                                 "evaluation metrics; see README Privacy"}
-        if self.mode == CENTRAL:
+        if self.mode == DPSGD:
+            schedules = [self.client_schedule(c) if self.uploads.get(c) else None for c in range(self.num_clients)]
+            eps = self.client_epsilons()
+            out.update({
+                "unit": "sample (one training sample of one client; each client's epsilon is for its own data)",
+                "neighbouring_relation": "add/remove one training sample of a client",
+                "mechanism": "DP-SGD: Poisson batches (q_k = 1/ceil(n_k/batch_size)), per-sample clipping to "
+                             "clip_norm, Gaussian noise noise_multiplier*clip_norm on the sum, / expected batch size",
+                "noise_multiplier": None if self.target is not None else self.z,
+                "noise_calibrated": self.target is not None, "target_epsilon": self.target,
+                "client_epsilon_max": max(eps, default=0.0), "client_epsilon_mean": sum(eps) / max(len(eps), 1),
+                "client_epsilon": eps,
+                "client_rounds_trained": [self.uploads.get(c, 0) for c in range(self.num_clients)],
+                "client_sampling_rate": [s[0] if s else None for s in schedules],
+                "client_noise_multiplier": [s[1] if s else None for s in schedules],
+                "client_steps_per_round": [s[2] if s else None for s in schedules],
+                "epsilon_is_for": "the client with the largest epsilon (client_epsilon lists every client's)",
+            })
+            out["batchnorm_stats"] = "none (model.norm=group: dp_sgd refuses BatchNorm)"
+        elif self.mode == CENTRAL:
             out.update({
                 "sampling": self.sampling,
                 "neighbouring_relation": ("add/remove one client" if self.sampling == accounting.POISSON
