@@ -16,7 +16,7 @@ import logging
 import os
 import zipfile
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -27,9 +27,11 @@ import torch
 from fedlt.data.augment import to_float
 from fedlt.data.local_testsets import holdout_local_tests, local_test_overlap, proportional_local_tests
 from fedlt.data.longtail import IF_CONVENTION, longtail_counts, select_longtail
+from fedlt.data.noise import flip_labels, head_tail, noise_config, noise_report
 from fedlt.data.partition import GUARD_PARAMS, partition
 from fedlt.data.sources import (DataError, SourceArrays, cache_lock, cache_write_error, discard, load_source,
                                 open_cached_source, remove_stale_temps, temp_name)
+from fedlt.seeding import SERVER_SET, numpy_rng
 
 log = logging.getLogger("fedlt")
 
@@ -59,6 +61,12 @@ class FederatedSplit:
     class_counts: np.ndarray  # clients x classes training counts (what clients train on)
     global_counts: np.ndarray  # classes: long-tailed training counts (the profile, before any holdout)
     local_test_split: str = "test"  # "test": local tests drawn from the test split; "train": held out (holdout)
+    # dataset.label_noise on: per client, the labels it trains on (aligned with client_train; clean ones stay in the
+    # source arrays); None = clean labels (every split drawn without noise, and those written before it existed)
+    noisy_labels: list[np.ndarray] | None = None
+    # the server-held balanced set (``server_data.per_class``): indices into the source training split, drawn from
+    # the long-tailed set before the partition (so no client holds them); empty = no server set
+    server_indices: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     def save(self, path: Path) -> None:
         """Write to a temporary name beside ``path`` and rename it into place (readers never see half a file;
@@ -68,9 +76,13 @@ class FederatedSplit:
             path.parent.mkdir(parents=True, exist_ok=True)
             arrays = {"lt_indices": self.lt_indices, "class_counts": self.class_counts,
                       "global_counts": self.global_counts, "local_test_split": np.array(self.local_test_split)}
+            if len(self.server_indices):  # absent when off: the file of a run without a server set is unchanged
+                arrays["server_indices"] = self.server_indices
             for k, (tr, te) in enumerate(zip(self.client_train, self.client_test, strict=True)):
                 arrays[f"train_{k}"] = tr
                 arrays[f"test_{k}"] = te
+            for k, y in enumerate(self.noisy_labels or []):
+                arrays[f"noisy_{k}"] = y
             with open(tmp, "wb") as f:
                 np.savez(f, **arrays)
             os.replace(tmp, path)
@@ -91,6 +103,9 @@ class FederatedSplit:
                     lt_indices=z["lt_indices"], class_counts=z["class_counts"], global_counts=z["global_counts"],
                     client_train=[z[f"train_{k}"] for k in range(n)], client_test=[z[f"test_{k}"] for k in range(n)],
                     local_test_split=str(z["local_test_split"]) if "local_test_split" in z.files else "test",
+                    noisy_labels=[z[f"noisy_{k}"] for k in range(n)] if "noisy_0" in z.files else None,
+                    server_indices=(z["server_indices"] if "server_indices" in z.files
+                                    else np.zeros(0, dtype=np.int64)),
                 )
         except FileNotFoundError as e:
             raise DataError(f"the split file {path} is missing; run again (fedlt draws it again)") from e
@@ -111,11 +126,15 @@ class FederatedSplit:
             return f"class_counts has shape {list(self.class_counts.shape)} for {n} clients"
         if self.global_counts.shape != (self.class_counts.shape[1],):
             return f"global_counts has shape {list(self.global_counts.shape)} for {self.class_counts.shape[1]} classes"
-        arrays = [self.lt_indices, *self.client_train, *self.client_test]
+        arrays = [self.lt_indices, *self.client_train, *self.client_test, self.server_indices]
         if any(a.ndim != 1 or a.dtype.kind not in "iu" for a in arrays):
             return "an index array is not a list of integers"
         if self.local_test_split not in ("test", "train"):
             return f"local_test_split is {self.local_test_split!r}"
+        if self.noisy_labels is not None and (len(self.noisy_labels) != n or any(
+                y.ndim != 1 or y.dtype.kind not in "iu" or y.shape != t.shape
+                for y, t in zip(self.noisy_labels, self.client_train, strict=False))):
+            return "the noisy label arrays do not match the clients' training indices"
         return None
 
 
@@ -123,14 +142,20 @@ SPLIT_VERSION = 2  # part of the split cache key: bump when the way a split is d
 SOURCE_ONLY_KEYS = ("augment", "mean", "std", "download", "download_url", "sha256")  # do not change the split
 
 
-def split_key(source: SourceArrays, cfg: dict) -> str:
+def split_key(source: SourceArrays, cfg: dict, server_per_class: int = 0) -> str:
     d, p, e = cfg["dataset"], cfg["partition"], cfg["eval"]
+    # label_noise enters the key only when it is on: splits of clean runs keep the keys they had before it existed
+    dataset = {k: v for k, v in d.items() if k not in SOURCE_ONLY_KEYS and k != "label_noise"}
+    if noise_config(d):
+        dataset["label_noise"] = noise_config(d)
     relevant = {
         "source": source.cache_dir, "labels": source.label_suffix,
-        "dataset": {k: v for k, v in d.items() if k not in SOURCE_ONLY_KEYS},
+        "dataset": dataset,
         "partition": p, "clients": cfg["num_clients"], "seed": cfg["seed"],
         "local_test": e["local_test"], "holdout_fraction": e.get("holdout_fraction"), "version": SPLIT_VERSION,
     }
+    if server_per_class:  # only then: a run without a server set keeps its split file (and its key)
+        relevant["server_per_class"] = int(server_per_class)
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
@@ -152,34 +177,108 @@ def profile_counts(source: SourceArrays, d: dict) -> np.ndarray:
     return counts
 
 
+# ----------------------------------------------------------------------------------- the server-held set
+SERVER_SET_AUTO_KEY = "server_per_class"  # the strategy option that asks for a server set when per_class is null
+SERVER_SET_DRAWN_FROM = "the long-tailed training set, held out before the partition (no client holds them)"
+
+
+def server_set_size(cfg: dict, counts) -> int:
+    """Images per class of the server-held balanced set (``server_data.per_class``) for the long-tailed training
+    counts ``counts``; 0 = no server set. An explicit N must leave every class at least one image for the clients
+    (N <= n_min - 1), else a DataError names the class and the largest N possible. ``null`` (the default) gives 0,
+    unless the strategy asks for a set (its option ``strategy.server_per_class``, e.g. Ratio Loss): then
+    min(that, floor(n_min / 2)) -- balanced, and never more than half of the smallest class."""
+    counts = np.asarray(counts)
+    per_class = (cfg.get("server_data") or {}).get("per_class")
+    n_min = int(counts.min()) if len(counts) else 0
+    c = int(np.argmin(counts)) if len(counts) else 0
+    d = cfg["dataset"]
+    where = (f"dataset={d.get('name')} (imbalance_factor={d.get('imbalance_factor')}, n_max={d.get('n_max')}): "
+             f"its smallest class, {c}, has {n_min} long-tailed training images")
+    if per_class is None:
+        wanted = int((cfg.get("strategy") or {}).get(SERVER_SET_AUTO_KEY) or 0)
+        size = min(wanted, n_min // 2)
+        if wanted and size < 1:
+            raise DataError(
+                f"strategy={cfg['strategy']['name']} needs a server-held set of training images of every class, but "
+                f"{where}, so none can be held out without taking half of it (server_data.per_class=null takes "
+                f"min(strategy.server_per_class={wanted}, n_min // 2)); use a smaller imbalance factor or a larger "
+                f"dataset.n_max.")
+        return size
+    if int(per_class) > 0 and int(per_class) >= n_min:
+        raise DataError(
+            f"invalid value server_data.per_class={per_class}: the server set takes that many training images of "
+            f"every class from the long-tailed training set and every class must keep at least one for the clients, "
+            f"but {where}; use at most {max(n_min - 1, 0)}, 0 (no server set), or null (the strategy's own size).")
+    return int(per_class)
+
+
+def draw_server_set(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
+    """Positions (into ``labels``) of ``per_class`` images of every class, drawn with the run's seed (its own
+    stream), sorted."""
+    rng = numpy_rng(seed, SERVER_SET)
+    picked = [rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in range(int(labels.max()) + 1)]
+    return np.sort(np.concatenate(picked)).astype(np.int64)
+
+
 def build_split(source: SourceArrays, cfg: dict) -> FederatedSplit:
     d, p = cfg["dataset"], cfg["partition"]
     k = source.num_classes
     counts = profile_counts(source, d)
     lt_idx = select_longtail(np.asarray(source.train_y), counts, seed=int(d.get("longtail_seed", 0)))
     lt_labels = np.asarray(source.train_y)[lt_idx]
+    server_idx = np.zeros(0, dtype=np.int64)
+    pool = lt_idx
+    per_class = server_set_size(cfg, counts)
+    if per_class:  # held out before the partition; without a server set nothing here changes
+        held = draw_server_set(lt_labels, per_class, int(cfg["seed"]))
+        server_idx = lt_idx[held]
+        keep = np.ones(len(lt_idx), dtype=bool)
+        keep[held] = False
+        pool, lt_labels = lt_idx[keep], lt_labels[keep]
     params = {key: v for key, v in p.items() if key not in GUARD_PARAMS}
     parts = partition(lt_labels, int(cfg["num_clients"]), p["name"], seed=int(cfg["seed"]),
                       min_samples_per_client=int(p.get("min_samples_per_client", 0)),
                       max_attempts=int(p.get("max_attempts", 100)), **params)
-    client_train = [lt_idx[part] for part in parts]
+    client_train = [pool[part] for part in parts]
     rule = cfg["eval"]["local_test"]
     train_y = np.asarray(source.train_y)
     if rule == "holdout":
         client_train, client_test = holdout_local_tests(client_train, float(cfg["eval"]["holdout_fraction"]),
                                                         seed=int(cfg["seed"]))
         class_counts = np.stack([np.bincount(train_y[t], minlength=k) for t in client_train])
-        return FederatedSplit(lt_idx, client_train, client_test, class_counts, counts, local_test_split="train")
-    class_counts = np.stack([np.bincount(train_y[t], minlength=k) for t in client_train])
-    client_test = proportional_local_tests(class_counts, np.asarray(source.test_y), seed=int(cfg["seed"]))
-    return FederatedSplit(lt_idx, client_train, client_test, class_counts, counts)
+        split = FederatedSplit(lt_idx, client_train, client_test, class_counts, counts, local_test_split="train",
+                               server_indices=server_idx)
+    else:
+        class_counts = np.stack([np.bincount(train_y[t], minlength=k) for t in client_train])
+        client_test = proportional_local_tests(class_counts, np.asarray(source.test_y), seed=int(cfg["seed"]))
+        split = FederatedSplit(lt_idx, client_train, client_test, class_counts, counts, server_indices=server_idx)
+    return add_label_noise(split, train_y, k, cfg)
+
+
+def add_label_noise(split: FederatedSplit, train_y: np.ndarray, num_classes: int, cfg: dict) -> FederatedSplit:
+    """``dataset.label_noise`` (fedlt.data.noise): the clients' training labels flipped, seeded by the run seed,
+    after the split and its local tests are drawn from the clean labels; ``class_counts`` become the noisy counts
+    (what clients train on). Off (the default): the split is returned unchanged."""
+    noise = noise_config(cfg["dataset"])
+    if noise is None:
+        return split
+    clean = [train_y[t].astype(np.int64) for t in split.client_train]
+    clean_counts = split.class_counts.sum(axis=0)
+    if noise["kind"] == "tail_to_head" and not head_tail(clean_counts)[1]:
+        log.warning("dataset.label_noise.kind=tail_to_head: the clients' class counts have no tail class (cumulative "
+                    "75/95 % rule), so no label is flipped")
+    split.noisy_labels = flip_labels(clean, num_classes, noise["kind"], noise["rate"], int(cfg["seed"]), clean_counts)
+    split.class_counts = np.stack([np.bincount(y, minlength=num_classes) for y in split.noisy_labels]) \
+        if split.noisy_labels else split.class_counts
+    return split
 
 
 def prepare(cfg: dict) -> tuple[DataPlan, FederatedSplit, SourceArrays]:
     """Load (or reuse) the source and the split for a validated run config."""
     source = load_source(cfg["dataset"], cfg.get("data_root"), cfg["cache_dir"])
     cache = Path(os.path.expanduser(str(cfg["cache_dir"]))) / "splits"
-    key = split_key(source, cfg)
+    key = split_key(source, cfg, server_set_size(cfg, profile_counts(source, cfg["dataset"])))
     path = cache / f"{key}.npz"
     split, _ = _cached_split(path, int(cfg["num_clients"]))
     if split is None:  # absent or damaged: draw it (seeded, so a damaged file is replaced by the same split)
@@ -229,7 +328,7 @@ def summary(split: FederatedSplit, source: SourceArrays, cfg: dict) -> dict:
              else "each client's own training share (held out, removed from its training data)"}
     if e["local_test"] == "holdout":
         local["holdout_fraction"] = float(e["holdout_fraction"])
-    return {
+    out = {
         "dataset": d["name"], "source": source.name,
         "source_info": {k: v for k, v in source.meta.items() if k in (
             "source_path", "layout", "sha256", "known_copy", "label_type", "fingerprint")},
@@ -251,7 +350,43 @@ def summary(split: FederatedSplit, source: SourceArrays, cfg: dict) -> dict:
         "test_class_counts": np.bincount(np.asarray(source.test_y), minlength=source.num_classes).tolist(),
         "shot_groups": groups,
         "shot_group_sizes": {rule: {g: len(v) for g, v in gr.items()} for rule, gr in groups.items()},
+        **({"server_data": server_set_summary(split, source)} if len(split.server_indices) else {}),
     }
+    out.update(regime_summary(split, cfg))
+    noise = noise_config(d)
+    if noise is not None and split.noisy_labels is not None:
+        train_y = np.asarray(source.train_y)
+        clean = [train_y[t].astype(np.int64) for t in split.client_train]
+        clean_counts = np.stack([np.bincount(y, minlength=source.num_classes) for y in clean])
+        out["client_clean_class_counts"] = clean_counts.tolist()  # client_class_counts: the noisy labels
+        out["label_noise"] = noise_report(clean, split.noisy_labels, source.num_classes, noise["kind"],
+                                          noise["rate"], clean_counts.sum(axis=0))
+    return out
+
+
+def server_set_summary(split: FederatedSplit, source: SourceArrays) -> dict:
+    """What partition.json and results.json record about the server-held set (``server_data.per_class``)."""
+    counts = np.bincount(np.asarray(source.train_y)[split.server_indices], minlength=source.num_classes)
+    return {"per_class": int(counts.max()) if len(counts) else 0, "class_counts": counts.tolist(),
+            "size": int(counts.sum()), "drawn_from": SERVER_SET_DRAWN_FROM}
+
+
+def regime_summary(split: FederatedSplit, cfg: dict) -> dict:
+    """Which global-vs-local long-tail regime the split is (``partition.regime``, also partition.png's title)
+    and each client's realised imbalance factor (largest / smallest non-zero class count of the classes it holds;
+    1 for a client with one class)."""
+    from fedlt.data.partition import regime
+
+    factors = []
+    for row in split.class_counts:
+        held = row[row > 0]
+        factors.append(round(float(held.max() / held.min()), 4) if held.size else None)
+    used = int(sum(len(t) for t in split.client_train)) + len(getattr(split, "server_indices", ())) + (
+        int(sum(len(t) for t in split.client_test)) if split.local_test_split == "train" else 0)
+    return {"regime": regime(dict(cfg["partition"]), float(cfg["dataset"]["imbalance_factor"]),
+                             cfg["dataset"]["profile"]),
+            "client_imbalance_factors": factors,
+            "unassigned_train_images": int(split.global_counts.sum()) - used}
 
 
 # ------------------------------------------------------------------------------------------- client side
@@ -270,6 +405,9 @@ class ClientData:
     # how local training batches are drawn (a fedlt.train.samplers.SamplerSpec; None = uniform shuffles); set on
     # the client context's view from the run's ``sampler=`` (fedlt.api.client.ClientContext), never here
     sampler: Any = None
+    # dataset.label_noise on: the clean training labels, for analysis only (train_y holds the noisy ones the client
+    # trains on); None when the labels are clean
+    train_y_clean: torch.Tensor | None = None
 
     @property
     def num_train(self) -> int:
@@ -293,7 +431,10 @@ def client_data(plan: DataPlan, client_id: int) -> ClientData:
     test_x_all, test_y_all = ((source.train_x, source.train_y) if split.local_test_split == "train"
                               else (source.test_x, source.test_y))
     train_y = torch.from_numpy(np.array(source.train_y[tr], dtype=np.int64))
-    test_y = torch.from_numpy(np.array(test_y_all[te], dtype=np.int64))
+    clean_y = None
+    if split.noisy_labels is not None:  # dataset.label_noise: train on the noisy labels, keep the clean ones
+        clean_y, train_y = train_y, torch.from_numpy(np.array(split.noisy_labels[client_id], dtype=np.int64))
+    test_y = torch.from_numpy(np.array(test_y_all[te], dtype=np.int64))  # always the clean labels
     return ClientData(
         client_id=client_id,
         train_x=torch.from_numpy(np.array(source.train_x[tr])),
@@ -303,7 +444,23 @@ def client_data(plan: DataPlan, client_id: int) -> ClientData:
         train_counts=torch.bincount(train_y, minlength=k),
         test_counts=torch.bincount(test_y, minlength=k),
         plan=plan,
+        train_y_clean=clean_y,
     )
+
+
+def server_data(plan: DataPlan) -> ClientData | None:
+    """The server-held balanced set (``server_data.per_class``) as a data view like a client's (``client_id`` -1,
+    raw uint8 training images augmented per batch as a client's, no test images), or None without one."""
+    source, split = open_plan(plan)
+    idx = split.server_indices
+    if not len(idx):
+        return None
+    y = torch.from_numpy(np.array(source.train_y[idx], dtype=np.int64))
+    x0 = torch.from_numpy(np.array(source.train_x[idx[:0]]))
+    return ClientData(client_id=-1, train_x=torch.from_numpy(np.array(source.train_x[idx])), train_y=y,
+                      test_x=to_float(x0, plan.mean, plan.std), test_y=torch.zeros(0, dtype=torch.int64),
+                      train_counts=torch.bincount(y, minlength=plan.num_classes),
+                      test_counts=torch.zeros(plan.num_classes, dtype=torch.int64), plan=plan)
 
 
 def global_test(plan: DataPlan) -> tuple[torch.Tensor, torch.Tensor]:

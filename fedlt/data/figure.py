@@ -102,6 +102,11 @@ def partition_figure(summary: dict):
     count_heatmap(fig, ax_map, counts, classes)
     ax_map.set_title(f"training images per client and class ({n_clients} clients, partition="
                      f"{summary['partition'].get('name')})", fontsize=10)
+    regime = summary.get("regime")  # which global-vs-local long-tail regime (fedlt.data.partition.regime)
+    noise = summary.get("label_noise")
+    if regime or noise:
+        fig.suptitle("; ".join(s for s in (regime, noise and f"label noise {noise['kind']} {noise['rate']:g} "
+                                            f"(realised {noise['realised_rate']:.3f})") if s), fontsize=11)
     groups = (summary.get("shot_groups") or {}).get("cumulative_75_95", {})
     colour = ["#7f7f7f"] * n_classes
     for g, members in groups.items():

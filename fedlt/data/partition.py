@@ -1,7 +1,9 @@
 """Client partitioners: map the long-tailed training labels to per-client index arrays.
 
 Every partitioner is ``fn(labels, num_clients, seed, **params) -> list[np.ndarray]``: one sorted index array
-per client (indices into the label array it was given), every index used exactly once. Labels are integers
+per client (indices into the label array it was given), every index used exactly once -- except ``local_lt``, which
+keeps each client's exact long tail and leaves the rest of the pool unused (``partition.json``:
+``unassigned_train_images``). Labels are integers
 ``0..C-1``. ``partition()`` adds the bounded ``min_samples_per_client`` re-draw guard; ``fedlt.data.flower``
 wraps any of them as a flwr-datasets ``Partitioner``.
 
@@ -245,13 +247,158 @@ def iid(labels: np.ndarray, num_clients: int, seed: int) -> list[np.ndarray]:
     return [np.sort(part) for part in np.array_split(perm, num_clients)]
 
 
+# ------------------------------------------------------------------ global vs local long tails, quantity skew
+ORDERINGS = ("random", "shifted", "global")
+SIZE_DISTRIBUTIONS = ("lognormal", "dirichlet")
+
+
+def _local_profiles(num_clients: int, num_classes: int, rng: np.random.Generator, imbalance_factor_min: float,
+                    imbalance_factor_max: float, ordering: str, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Each client's own long tail: its imbalance factor IF_k, log-uniform in [min, max] (all equal when min ==
+    max), and its class order (``random``: its own permutation; ``shifted``: client k's head is class k mod C, then
+    k+1, ...; ``global``: class 0 first, as the global profile). Returns (IF_k, w) with w[k, c] = IF_k^(-rank/(C-1)),
+    the exponential profile of Cao et al. (2019) with head weight 1."""
+    lo, hi = float(imbalance_factor_min), float(imbalance_factor_max)
+    if not (math.isfinite(lo) and math.isfinite(hi) and 1.0 <= lo <= hi):
+        raise PartitionError(f"invalid values partition.imbalance_factor_min={imbalance_factor_min!r}, "
+                             f"imbalance_factor_max={imbalance_factor_max!r} for partition={name}: each client's "
+                             f"imbalance factor is drawn between them, so they must be finite with 1 <= min <= max")
+    if ordering not in ORDERINGS:
+        raise PartitionError(f"invalid value partition.ordering={ordering!r} for partition={name}: allowed values are "
+                             f"{', '.join(ORDERINGS)}")
+    factors = np.exp(rng.uniform(math.log(lo), math.log(hi), size=num_clients)) if hi > lo else np.full(num_clients, lo)
+    ranks = np.empty((num_clients, num_classes), dtype=np.int64)
+    for k in range(num_clients):
+        order = (rng.permutation(num_classes) if ordering == "random" else
+                 np.roll(np.arange(num_classes), -k) if ordering == "shifted" else np.arange(num_classes))
+        ranks[k, order] = np.arange(num_classes)
+    weights = factors[:, None] ** (-ranks / max(num_classes - 1.0, 1.0))
+    return factors, weights
+
+
+def local_lt(labels: np.ndarray, num_clients: int, seed: int, imbalance_factor_min: float = 10.0,
+             imbalance_factor_max: float = 100.0, ordering: str = "random") -> list[np.ndarray]:
+    """Balanced global data, a long tail per client (validation requires ``dataset.imbalance_factor=1``): client k
+    gets n_{k,c} = floor(m * IF_k^(-rank_k(c)/(C-1))) images of class c -- its own imbalance factor IF_k and class
+    order (:func:`_local_profiles`) with a head count m common to all clients, the largest the pool allows (m =
+    min_c P_c / sum_k w[k, c], P_c the pool's count of class c). So each client's realised imbalance factor is
+    floor(m) / floor(m / IF_k), IF_k up to rounding; the images no client needs stay unused (with ``shifted`` and N a
+    multiple of C nothing is left). Each class's images are shuffled and dealt in client order. Fails when the
+    pool is too small to give every client at least one image of its tail class.
+
+    The same idea as LongTailLib's "local long tail" generator (gzhu-hcai/LongTailLib, dataset/utils/dataset_utils.py
+    ``imbalanced_split``), which uses one imbalance factor for all clients, an exponential profile over a random class
+    order and a near-balanced Dirichlet pre-split; here every client has its own factor and exact counts."""
+    labels = np.asarray(labels)
+    c_num = _num_classes(labels)
+    rng = np.random.default_rng(seed)
+    factors, w = _local_profiles(num_clients, c_num, rng, imbalance_factor_min, imbalance_factor_max, ordering,
+                                 "local_lt")
+    pool = np.bincount(labels, minlength=c_num)
+    demand = w.sum(axis=0)
+    head = float(np.min(pool / demand))
+    counts = np.floor(head * w).astype(np.int64)
+    if counts.min() < 1:
+        k = int(np.argmin(counts.min(axis=1)))
+        raise PartitionError(
+            f"partition=local_lt cannot give every client its long tail: the pool holds {int(pool.min())} images of "
+            f"its smallest class, so with {num_clients} clients the common head count is {head:.1f} and client {k} "
+            f"(imbalance factor {factors[k]:.1f}) would get no image of its tail class; lower num_clients or "
+            f"partition.imbalance_factor_max, or raise dataset.n_max")
+    out: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+    for c in range(c_num):
+        idx = rng.permutation(np.where(labels == c)[0])
+        bounds = np.concatenate([[0], np.cumsum(counts[:, c])])
+        for k in range(num_clients):
+            out[k].append(idx[bounds[k]:bounds[k + 1]])
+    return [np.sort(np.concatenate(o)) for o in out]
+
+
+def global_local_lt(labels: np.ndarray, num_clients: int, seed: int, imbalance_factor_min: float = 10.0,
+                    imbalance_factor_max: float = 100.0, ordering: str = "random") -> list[np.ndarray]:
+    """A global long tail (the dataset's profile, every image used) AND a long tail per client: each client has its
+    own imbalance factor and class order (:func:`_local_profiles`), and every class c is cut over the clients in
+    proportion to their weights w[k, c] (shuffled, cut at the cumulative proportions). Client k's class mix is
+    therefore the global prior times its own long tail, pi_{k,c} ~ P_c * w[k, c] / sum_j w[j, c]: its realised
+    imbalance factor differs from IF_k by the global profile (``partition.json``: ``client_imbalance_factors``)."""
+    labels = np.asarray(labels)
+    c_num = _num_classes(labels)
+    rng = np.random.default_rng(seed)
+    _, w = _local_profiles(num_clients, c_num, rng, imbalance_factor_min, imbalance_factor_max, ordering,
+                           "global_local_lt")
+    share = w / w.sum(axis=0, keepdims=True)
+    out: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+    for c in range(c_num):
+        idx = rng.permutation(np.where(labels == c)[0])
+        bounds = [0, *(np.cumsum(share[:, c]) * len(idx)).astype(int)[:-1].tolist(), len(idx)]
+        for k in range(num_clients):
+            out[k].append(idx[bounds[k]:bounds[k + 1]])
+    return [np.sort(np.concatenate(o)) for o in out]
+
+
+def client_sizes(n: int, num_clients: int, rng: np.random.Generator, distribution: str, sigma: float,
+                 size_alpha: float) -> np.ndarray:
+    """Quantity skew: client sizes summing to n. ``lognormal`` (FedLab ``lognormal_unbalance_partition``): x_k ~
+    LogNormal(log(n/N), sigma), sizes proportional to x (sigma = 0: equal sizes); ``dirichlet`` (FedLab / NIID-Bench
+    "iid-diff-quantity"): proportions ~ Dir(size_alpha * 1_N). Rounded down, the remainder given one image each to
+    the largest fractional parts (FedLab adds it all to the first client)."""
+    if distribution == "lognormal":
+        sigma = float(sigma)
+        if not (math.isfinite(sigma) and sigma >= 0):
+            raise PartitionError(f"invalid value partition.sigma={sigma!r} for partition=quantity_skew: the log-normal "
+                                 f"spread must be a finite number >= 0 (0 = equal sizes)")
+        x = rng.lognormal(mean=math.log(max(n / num_clients, 1e-12)), sigma=sigma, size=num_clients)
+    elif distribution == "dirichlet":
+        x = rng.dirichlet([_check_alpha(size_alpha, "quantity_skew (partition.size_alpha)")] * num_clients)
+    else:
+        raise PartitionError(f"invalid value partition.distribution={distribution!r} for partition=quantity_skew: "
+                             f"allowed values are {', '.join(SIZE_DISTRIBUTIONS)}")
+    exact = x / x.sum() * n
+    sizes = np.floor(exact).astype(np.int64)
+    extra = np.argsort(-(exact - sizes), kind="stable")[: n - int(sizes.sum())]
+    sizes[extra] += 1
+    return sizes
+
+
+def quantity_skew(labels: np.ndarray, num_clients: int, seed: int, distribution: str = "lognormal",
+                  sigma: float = 0.3, size_alpha: float = 0.5) -> list[np.ndarray]:
+    """Quantity skew with an IID class mix (FedLab's "unbalanced IID"): client sizes from :func:`client_sizes`,
+    then a seeded permutation of the pool cut at those sizes, so every client's label mix follows the global long
+    tail and only the amounts differ. sigma = 0.3 is FedLab's ``unbalance_sgm`` in its tests and tutorials."""
+    rng = np.random.default_rng(seed)
+    sizes = client_sizes(len(labels), num_clients, rng, distribution, sigma, size_alpha)
+    perm = rng.permutation(len(labels))
+    return [np.sort(part) for part in np.split(perm, np.cumsum(sizes)[:-1])]
+
+
 PARTITIONERS: dict[str, Callable[..., list[np.ndarray]]] = {
     "dirichlet": dirichlet_official,
     "dirichlet_balanced": dirichlet_balanced,
     "dirichlet_per_client": dirichlet_per_client,
     "shards": shards,
     "iid": iid,
+    "local_lt": local_lt,
+    "global_local_lt": global_local_lt,
+    "quantity_skew": quantity_skew,
 }
+
+
+def regime(partition_cfg: dict, imbalance_factor: float, profile: str) -> str:
+    """The global-vs-local long-tail regime of a run, in words (partition.json ``regime``, partition.png's title)."""
+    name = partition_cfg.get("name")
+    glob = ("natural class counts" if profile == "natural" else
+            "balanced global data" if imbalance_factor == 1 else f"global long tail (IF={imbalance_factor:g})")
+    lo, hi = partition_cfg.get("imbalance_factor_min"), partition_cfg.get("imbalance_factor_max")
+    ifs = f"IF {lo:g}-{hi:g}" if isinstance(lo, int | float) and isinstance(hi, int | float) else "IF ?"
+    if name == "local_lt":
+        return f"{glob}, per-client long tails ({ifs}, {partition_cfg.get('ordering')} order)"
+    if name == "global_local_lt":
+        return f"{glob} and per-client long tails ({ifs}, {partition_cfg.get('ordering')} order)"
+    if name == "quantity_skew":
+        return f"{glob}, IID class mix, quantity skew ({partition_cfg.get('distribution')} sizes)"
+    if name == "iid":
+        return f"{glob}, IID split"
+    return f"{glob}, {name} split"
 GUARD_PARAMS = ("name", "min_samples_per_client", "max_attempts")  # partition.* keys handled by partition()
 
 

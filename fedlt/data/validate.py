@@ -101,3 +101,31 @@ def _validate_partition(cfg: dict) -> None:
     for key in ("classes_per_client", "group_size", "max_redraws"):
         if key in p:
             check_int(cfg, f"partition.{key}", 1)
+    _validate_regime(cfg)
+
+
+def _validate_regime(cfg: dict) -> None:
+    """Options of the global-vs-local long-tail partitioners (local_lt, global_local_lt) and of quantity_skew."""
+    from fedlt.data.partition import ORDERINGS, SIZE_DISTRIBUTIONS
+
+    p, d = cfg["partition"], cfg["dataset"]
+    name = p["name"]
+    if "imbalance_factor_min" in p:
+        lo = check_float(cfg, "partition.imbalance_factor_min", 1.0)
+        if "imbalance_factor_max" in p and check_float(cfg, "partition.imbalance_factor_max", 1.0) < lo:
+            fail("partition.imbalance_factor_max", p["imbalance_factor_max"], f"must be >= partition."
+                 f"imbalance_factor_min={p['imbalance_factor_min']!r} (each client's factor is drawn between them)")
+    if "ordering" in p:
+        check_choice(cfg, "partition.ordering", ORDERINGS)
+    if "distribution" in p:
+        check_choice(cfg, "partition.distribution", SIZE_DISTRIBUTIONS)
+    if "sigma" in p:
+        check_float(cfg, "partition.sigma", 0.0)
+    if "size_alpha" in p:
+        check_float(cfg, "partition.size_alpha", 0.0, lo_open=True)
+    if name == "local_lt" and d.get("profile") != "natural" and float(d["imbalance_factor"]) != 1:
+        raise ConfigError(
+            f"invalid combination partition=local_lt with dataset.imbalance_factor={d['imbalance_factor']!r}: local_lt "
+            f"is balanced global data with a long tail per client, so the pool must be balanced; add "
+            f"dataset.imbalance_factor=1, or use partition=global_local_lt for a global long tail and per-client long "
+            f"tails together.")
