@@ -6,12 +6,14 @@ update (loss, proximal terms, extra heads). Which samples an epoch draws is the 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 
 from fedlt.data.augment import crop_flip, crop_flip_draws
 from fedlt.data.federated import ClientData
-from fedlt.train.samplers import SamplerSpec, epoch_draw
+from fedlt.train.samplers import SamplerSpec, batch_length, epoch_draw
 
 
 def batch_draws(n: int, batch_size: int, epochs: int, generator: torch.Generator, padding: int = 0,
@@ -23,13 +25,14 @@ def batch_draws(n: int, batch_size: int, epochs: int, generator: torch.Generator
     whole index sequence (``sampler``: None = a random permutation, as always; else
     :func:`fedlt.train.samplers.epoch_draw` on the client's ``labels``), then each batch its augmentation. A
     trailing batch of one image is dropped: BatchNorm cannot train on it (the official DataLoader would crash
-    there)."""
+    there). ``sampler=episodic`` cuts the sequence into its episodes (min(ways, C) x shots <= batch_size)."""
     draw = epoch_draw(sampler, n, labels)
+    size = batch_length(sampler, batch_size, labels)
     for _ in range(epochs):
         perm = draw(generator)
         m = perm.numel()
-        for start in range(0, m, batch_size):
-            idx = perm[start : start + batch_size]
+        for start in range(0, m, size):
+            idx = perm[start : start + size]
             if idx.numel() < 2 and m > 1:
                 continue
             yield (idx, *crop_flip_draws(idx.numel(), padding, hflip, generator))
@@ -54,9 +57,25 @@ def sgd(params, cfg: dict) -> torch.optim.SGD:
                            weight_decay=float(cfg.get("weight_decay", 0.0)))
 
 
+_BLOCKED: ContextVar[str] = ContextVar("fedlt_plain_training_blocked", default="")
+
+
+@contextmanager
+def plain_training_blocked(reason: str):
+    """While active, :func:`run_local_epochs` raises ``RuntimeError(reason)``: under ``privacy=dp_sgd`` a client's
+    training must go through the DP-SGD loop (fedlt.privacy.dp_sgd), never this one."""
+    token = _BLOCKED.set(reason)
+    try:
+        yield
+    finally:
+        _BLOCKED.reset(token)
+
+
 def run_local_epochs(data: ClientData, epochs: int, batch_size: int, generator: torch.Generator,
                      step: Callable[[torch.Tensor, torch.Tensor], float], device: str = "cpu") -> dict[str, float]:
     """Call ``step(x, y) -> loss`` on every batch; return mean loss and step count."""
+    if reason := _BLOCKED.get():
+        raise RuntimeError(reason)
     total, steps, samples = 0.0, 0, 0
     for x, y in batches(data, batch_size, epochs, generator):
         total += float(step(x.to(device, non_blocking=True), y.to(device, non_blocking=True)))

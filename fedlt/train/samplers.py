@@ -22,9 +22,19 @@ number; n: the client's training size):
   place of epochs; their official ``MixedPrioritizedSampler`` steps the mix linearly from 0 to 1 over the epochs,
   facebookresearch/classifier-balancing at 22370c6, data/MixedPrioritizedSampler.py). t is fixed within a round.
 
+* ``episodic`` -- every batch is one episode: ``ways`` of the client's classes drawn uniformly without replacement
+  (all C when it holds fewer), then ``shots`` samples of each (without replacement, or every sample plus draws
+  with replacement when the class has fewer than ``shots``). ``shots`` null = batch_size // ways. The batch is
+  the episode, min(ways, C) * shots samples (<= batch_size, checked), so a client holding fewer classes than
+  ``ways`` trains on smaller batches. Kang et al.'s class-aware sampler builds its batches the same way, in
+  groups of ``num_samples_cls`` = 4 samples per class (data/ClassAwareSampler.py at 22370c6); here the classes
+  of an episode are distinct and drawn afresh per episode.
+
 The epoch-length rule: an epoch draws n samples for every sampler (the same number of samples and steps as
 ``uniform``), unless ``epoch: resampled`` (``ros``/``rus`` only): then an epoch is one pass over the re-sampled
-set (sum of the targets above: C * max n for full over-sampling, C * min n for full under-sampling). With
+set (sum of the targets above: C * max n for full over-sampling, C * min n for full under-sampling);
+``episodic``: as many episodes as ``uniform`` would make batches of the episode's size E from n samples
+(max(1, floor((n + E - 2) / E)), i.e. ceil(n / E) with a trailing batch of one dropped), about n samples. With
 ``epoch: same`` ``ros`` takes the first n of its shuffled set and ``rus`` chains fresh shuffled sets up to n.
 The per-draw samplers (class_balanced, sqrt, progressive) draw with replacement (one ``torch.multinomial`` per
 epoch); the official class-aware sampler cycles through shuffled per-class lists instead and makes its epoch C *
@@ -67,8 +77,16 @@ class PowerParams:
                      lo=0.0, hi=1.0)
 
 
+@dataclass(frozen=True)
+class EpisodicParams:
+    ways: int = param(4, "classes per batch (all the client's classes when it holds fewer)", lo=1)
+    shots: int | None = param(None, "samples of each class per batch (>= 2); null = batch_size // ways", lo=2)
+
+
+EPISODIC = "episodic"
 SAMPLERS: dict[str, type] = {UNIFORM: NoOptions, "ros": ResampleParams, "rus": ResampleParams,
-                             "class_balanced": NoOptions, "sqrt": PowerParams, "progressive": NoOptions}
+                             "class_balanced": NoOptions, "sqrt": PowerParams, "progressive": NoOptions,
+                             EPISODIC: EpisodicParams}
 NEEDS_ROUND = ("progressive",)
 
 
@@ -104,7 +122,16 @@ def sampler_spec(cfg: dict, round: int | None = None) -> SamplerSpec | None:
             raise ValueError(f"sampler={name} needs the round (its class mix moves over the rounds)")
         total = int(cfg["num_rounds"])
         progress = min(max((int(round) - 1) / (total - 1), 0.0), 1.0) if total > 1 else 0.0
-    return SamplerSpec(name, tuple(sorted((k, v) for k, v in node.items() if k != "name")), progress)
+    options = {k: v for k, v in node.items() if k != "name"}
+    if name == EPISODIC:
+        options = {"ways": int(options.get("ways", 4)), "shots": episodic_shots(options, int(cfg["batch_size"]))}
+    return SamplerSpec(name, tuple(sorted(options.items())), progress)
+
+
+def episodic_shots(options: dict, batch_size: int) -> int:
+    """``shots`` of the episodic sampler (null: batch_size // ways)."""
+    shots = options.get("shots")
+    return int(batch_size) // int(options.get("ways", 4)) if shots is None else int(shots)
 
 
 def validate_sampler(cfg: dict) -> None:
@@ -117,6 +144,16 @@ def validate_sampler(cfg: dict) -> None:
                           f"{', '.join(SAMPLERS)}.")
     name = check_choice(cfg, "sampler.name", tuple(SAMPLERS))
     check_params(cfg, "sampler", SAMPLERS[name])
+    if name == EPISODIC and cfg.get("batch_size") is not None:
+        ways, bs = int(node.get("ways", 4)), int(cfg["batch_size"])
+        shots = episodic_shots(node, bs)
+        if shots < 2 or ways * shots > bs:
+            raise ConfigError(
+                f"invalid combination sampler=episodic with sampler.ways={ways}, sampler.shots={node.get('shots')!r} "
+                f"and batch_size={bs}: an episode (one batch) holds ways x shots = {ways} x {shots} = {ways * shots} "
+                f"samples, which must be at most batch_size (the batch the trainers allocate) with at least 2 shots "
+                f"per class (a class with one sample per batch cannot train BatchNorm); lower ways or shots, or "
+                f"raise batch_size to at least {ways * max(shots, 2)}.")
 
 
 # ------------------------------------------------------------------------------------------------ draws
@@ -150,6 +187,47 @@ def resample_targets(counts: torch.Tensor, spec: SamplerSpec) -> torch.Tensor:
     return torch.where(present, target, torch.zeros_like(n))
 
 
+def episode_size(counts: torch.Tensor, spec: SamplerSpec) -> int:
+    """``episodic``: samples per batch, min(ways, C) * shots for a client holding C classes."""
+    held = int((counts > 0).sum())
+    return min(int(spec.option("ways")), max(held, 1)) * int(spec.option("shots"))
+
+
+def batch_length(spec: SamplerSpec | None, batch_size: int, labels: torch.Tensor | None) -> int:
+    """How many drawn samples make one batch: the episode for ``episodic``, else ``batch_size``."""
+    if spec is None or spec.name != EPISODIC or labels is None or labels.numel() == 0:
+        return batch_size
+    return episode_size(torch.bincount(labels.long()), spec)
+
+
+def episodes_per_epoch(n: int, size: int) -> int:
+    """The steps ``uniform`` makes from n samples at batch ``size`` (its trailing batch of one dropped)."""
+    return max(1, (n + size - 2) // size)
+
+
+def episodic_draw(labels: torch.Tensor, spec: SamplerSpec) -> Callable[[torch.Generator], torch.Tensor]:
+    counts = torch.bincount(labels)
+    held = torch.nonzero(counts > 0).flatten()
+    members = [torch.nonzero(labels == c).flatten() for c in range(len(counts))]
+    ways, shots = min(int(spec.option("ways")), held.numel()), int(spec.option("shots"))
+    steps = episodes_per_epoch(labels.numel(), ways * shots)
+
+    def shots_of(idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        if idx.numel() >= shots:
+            return idx[torch.randperm(idx.numel(), generator=g)[:shots]]
+        extra = idx[torch.randint(idx.numel(), (shots - idx.numel(),), generator=g)]  # a class with < shots samples
+        return torch.cat([idx[torch.randperm(idx.numel(), generator=g)], extra])
+
+    def one_epoch(g: torch.Generator) -> torch.Tensor:
+        out = []
+        for _ in range(steps):
+            classes = held[torch.randperm(held.numel(), generator=g)[:ways]]
+            out.extend(shots_of(members[int(c)], g) for c in classes)
+        return torch.cat(out)
+
+    return one_epoch
+
+
 def epoch_draw(spec: SamplerSpec | None, n: int,
                labels: torch.Tensor | None = None) -> Callable[[torch.Generator], torch.Tensor]:
     """A function ``generator -> indices`` drawing one epoch's sample sequence (indices into the client's ``n``
@@ -162,6 +240,8 @@ def epoch_draw(spec: SamplerSpec | None, n: int,
     counts = torch.bincount(labels)
     if n == 0:
         return lambda g: torch.zeros(0, dtype=torch.long)
+    if spec.name == EPISODIC:
+        return episodic_draw(labels, spec)
     if spec.name in ("ros", "rus"):
         targets = resample_targets(counts, spec).tolist()
         members = [torch.nonzero(labels == c).flatten() for c in range(len(counts))]

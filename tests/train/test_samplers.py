@@ -295,3 +295,68 @@ def test_samplers_compose_from_the_command_line():
     assert compose()["sampler"] == {"name": "uniform"}
     with pytest.raises(ConfigError, match="progressive"):
         compose("sampler=progressive", "backend.client_batching=true")
+
+
+# ---------------------------------------------------------------------------------------------- episodic
+def test_episodic_batches_hold_ways_classes_times_shots_and_keep_the_epoch_length():
+    data = client()  # 4 held classes: 300, 60, 12, 3 samples
+    spec = sampler_spec({**cfg_with("episodic", ways=3, shots=4), "batch_size": 12})
+    assert dict(spec.options) == {"ways": 3, "shots": 4}
+    per_epoch = []
+    for epoch in range(3):
+        g = torch.Generator().manual_seed(epoch)
+        got = list(batch_draws(data.num_train, 12, 1, g, sampler=spec, labels=data.train_y))
+        per_epoch.append(len(got))
+        for idx, *_ in got:
+            counts = torch.bincount(data.train_y[idx], minlength=5)
+            assert idx.numel() == 12 and sorted(c for c in counts.tolist() if c) == [4, 4, 4]  # 3 ways x 4 shots
+            assert counts[2] == 0
+    assert per_epoch == [max(1, (375 + 12 - 2) // 12)] * 3 == [32] * 3  # uniform's batches of 12 from 375: 32
+    # class 4 (3 samples < 4 shots): all three, plus one drawn again
+    g = torch.Generator().manual_seed(9)
+    for idx, *_ in batch_draws(data.num_train, 12, 2, g, sampler=spec, labels=data.train_y):
+        tail = idx[data.train_y[idx] == 4]
+        if tail.numel():
+            assert tail.numel() == 4 and len(set(tail.tolist())) == 3
+
+
+def test_episodic_with_fewer_classes_than_ways_puts_every_class_in_every_batch():
+    data = client((20, 0, 7, 0, 0))
+    spec = sampler_spec({**cfg_with("episodic", ways=5), "batch_size": 16})  # shots = 16 // 5 = 3
+    assert spec.option("shots") == 3
+    got = list(batch_draws(data.num_train, 16, 1, torch.Generator().manual_seed(1), sampler=spec,
+                           labels=data.train_y))
+    assert len(got) == (27 + 6 - 2) // 6 == 5  # episodes of 2 x 3 = 6 from 27 samples
+    for idx, *_ in got:
+        assert torch.bincount(data.train_y[idx], minlength=5).tolist() == [3, 0, 3, 0, 0]
+
+
+def test_episodic_is_seeded_and_runs_under_client_batching_like_the_sequential_loop():
+    from fedlt.core.cohort import _schedule
+
+    cfg = {**cfg_with("episodic", ways=2, shots=3), "batch_size": 8}
+    spec = sampler_spec(cfg)
+    data = client()
+    a = [i for i, *_ in batch_draws(data.num_train, 8, 2, torch.Generator().manual_seed(4), sampler=spec,
+                                    labels=data.train_y)]
+    b = [i for i, *_ in batch_draws(data.num_train, 8, 2, torch.Generator().manual_seed(4), sampler=spec,
+                                    labels=data.train_y)]
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    datas = [client((40, 8, 0, 3, 1), cid=0), client((2, 30, 0, 0, 0), cid=1)]
+    order, table = _schedule(datas, [torch.Generator().manual_seed(c) for c in range(2)], cfg)
+    for lane, i in enumerate(order):
+        valid = table["valid"][:, lane]
+        steps = valid.any(1)
+        assert (valid[steps].sum(1) == 6).all()  # every batch one episode of 2 ways x 3 shots (<= batch 8)
+        assert int(steps.sum()) == max(1, (datas[i].num_train + 4) // 6)
+
+
+@pytest.mark.parametrize(("options", "bs", "message"), [
+    ({"ways": 4, "shots": 16}, 32, "ways x shots = 4 x 16 = 64"),
+    ({"ways": 20, "shots": None}, 32, "at least 2 shots"),
+    ({"ways": 0, "shots": None}, 32, "sampler.ways"),
+    ({"ways": 2, "shots": 1}, 32, "sampler.shots"),
+])
+def test_episodic_refuses_episodes_that_do_not_fit_a_batch(options, bs, message):
+    with pytest.raises(ConfigError, match=message):
+        validate_sampler({"batch_size": bs, "sampler": {"name": "episodic", **options}})
