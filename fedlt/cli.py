@@ -139,6 +139,7 @@ def main() -> None:
         return
     given = _given_run_dir()
     _GIVEN[:] = [given, given is not None and given.exists()]
+    from fedlt import rundir  # noqa: F401 -- rundir.STARTED is this command's start: before Hydra makes the folder
     _STDERR.hold()
     try:
         hydra_main()

@@ -128,8 +128,11 @@ def resume_config(resume: str, overrides: list[str], composed: dict) -> tuple[Pa
         if not isinstance(saved, dict) or "strategy" not in saved or "num_rounds" not in saved:
             raise ValueError("not a fedlt run configuration")
     except Exception as e:  # noqa: BLE001 -- unreadable for any reason: same message
+        from fedlt.core.failures import clip
+
+        why = clip(" ".join(str(e).split()), 300, rest="not shown")
         raise CheckpointError(f"invalid value resume={resume!r}: {path} cannot be read as a fedlt run "
-                              f"configuration ({type(e).__name__}: {str(e).strip()[:200]}).") from None
+                              f"configuration ({type(e).__name__}: {why}).") from None
     keys = [k for k in override_keys(overrides) if k != "resume"]
     refused = [k for k in keys if not overridable(k)]
     if refused:

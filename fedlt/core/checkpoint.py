@@ -24,6 +24,7 @@ import random
 import re
 import shutil
 import threading
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -215,7 +216,9 @@ def prune(run_dir: Path, keep: int) -> None:
 def load(path: Path) -> tuple[RunState, dict, str]:
     """Read one checkpoint with ``torch.load(weights_only=True)``; return (state, config, config fingerprint)."""
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. torch's "Detected pickle protocol 4" on a foreign file
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(payload, dict) or payload.get("format") != FORMAT:
             raise ValueError(f"not a fedlt checkpoint of format {FORMAT}")
         state = RunState(
@@ -228,9 +231,31 @@ def load(path: Path) -> tuple[RunState, dict, str]:
         return state, _decode(payload["config"]), str(payload["config_sha"])
     except Exception as e:  # noqa: BLE001 -- any unreadable file is reported the same way
         raise CheckpointError(
-            f"the checkpoint {path} cannot be read ({type(e).__name__}: {str(e)[:200]}); it is corrupt or not a "
-            f"fedlt checkpoint. Delete it to resume from an earlier checkpoint (or from the start)."
+            f"the checkpoint {path} cannot be read ({unreadable(e)}); it is corrupt or not a fedlt checkpoint. "
+            f"Delete it to resume from an earlier checkpoint (or from the start)."
         ) from None
+
+
+_TORCH_ADVICE = ("Weights only load failed", "Please file an issue", "Check the documentation")
+
+
+def unreadable(e: Exception) -> str:
+    """Why ``torch.load`` refused a file, in full sentences: the error type and the first sentence of its
+    message. For a file holding more than tensors and plain data (e.g. a pickle that would run code), torch's
+    message is mostly advice to load it unsafely; only the paragraph naming what was refused is kept."""
+    from fedlt.core.failures import clip
+
+    text = str(e).strip()
+    paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+    own = [p for p in paragraphs if not p.startswith(_TORCH_ADVICE)]
+    if len(own) < len(paragraphs):  # torch's weights_only refusal: what it refused is in its own paragraph
+        text = " ".join(own) or "it holds objects other than tensors and plain data"
+    else:
+        text = re.split(r"(?<=[.!?])\s+(?=[A-Z(])", " ".join(text.split()), maxsplit=1)[0]
+    if not text and isinstance(e, EOFError):
+        text = "the file ends early: it is empty or truncated"
+    why = f"{type(e).__name__}: {text}" if text else type(e).__name__
+    return clip(why, 300, rest="not shown")
 
 
 def latest(run_dir: Path, cfg: dict) -> RunState | None:

@@ -139,8 +139,10 @@ def start_ray(cfg: dict, init_args: dict) -> None:
         raise
     except Exception as e:  # noqa: BLE001 -- every failure to start is reported the same way
         shutdown_ray()
+        from fedlt.core.failures import clip
+
         raise BackendError(f"Ray failed to start (backend.address={address!r}): {type(e).__name__}: "
-                           f"{str(e).strip()[:400]}") from None
+                           f"{clip(str(e).strip(), 400, rest='not shown')}") from None
     from flwr.simulation.ray_transport.ray_actor import pool_size_from_resources
 
     res = client_resources(cfg)
@@ -227,6 +229,90 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
     except OSError:
         return False
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ")
+    except OSError:
+        return b""
+
+
+def how_it_ended(pid: int) -> str:
+    """How a dead child process ended, read from its zombie's /proc entry (``exit_code``, field 52 of
+    /proc/PID/stat, Linux >= 3.5); "" once it was reaped or where that is not available."""
+    import signal
+
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        status = int(fields[49])  # fields[0] is field 3 (state)
+    except (OSError, IndexError, ValueError):
+        return ""
+    sig = status & 0x7F
+    if not sig:
+        return f"exit code {(status >> 8) & 0xFF}"
+    try:
+        name = signal.Signals(sig).name
+    except ValueError:
+        name = f"signal {sig}"
+    oom = ", e.g. by the kernel's out-of-memory killer or by a user" if sig == signal.SIGKILL else ""
+    return f"killed with {name}{oom}"
+
+
+class RayProcessWatch:
+    """Watches the raylet and the GCS server of the private Ray instance this process started. When one of
+    them dies mid-run, the client actors and the object store are gone, and Ray's C++ core terminates this
+    driver a few seconds later (``connection.cc: The connection to the plasma store is failed. Terminate the
+    process``: exit 1, no Python exception, nothing fedlt could catch, no message saying why). The watch polls
+    both processes every ``interval_s`` and calls ``on_death(name, pid, how)`` at once (from its thread), so
+    the caller can say what happened before Ray ends the process. Attached clusters (``backend.address``) are
+    not watched: their raylet is not this process's child."""
+
+    WATCHED = (("raylet", b"/raylet/raylet"), ("GCS server", b"/gcs/gcs_server"))
+
+    def __init__(self, on_death, interval_s: float = 0.1):
+        self.on_death, self.interval_s = on_death, interval_s
+        self.pids: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> RayProcessWatch:
+        for pid in descendants():
+            cmd = _cmdline(pid)
+            for name, marker in self.WATCHED:
+                if marker in cmd.split(b" ", 1)[0] and name not in self.pids:
+                    self.pids[name] = pid
+        if self.pids:
+            self._thread = threading.Thread(target=self._run, name="fedlt-ray-watch", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Before a normal shutdown (which stops both processes on purpose)."""
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            for name, pid in self.pids.items():
+                if not _alive(pid) and not self._stop.is_set():
+                    self.on_death(name, pid, how_it_ended(pid))
+                    return
+
+
+def kill_ray_processes(pids: list[int]) -> None:
+    """SIGKILL these Ray processes (this run's own, from :func:`ray_descendants`) that are still alive."""
+    import signal
+
+    for p in pids:
+        if _alive(p) and _is_ray(p):
+            try:
+                os.kill(p, signal.SIGKILL)
+            except OSError:
+                pass
 
 
 def actor_count(cfg: dict) -> int:

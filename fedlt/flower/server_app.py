@@ -14,7 +14,8 @@ from strategies import get_strategy
 
 
 def make_server_app(cfg: dict, plan: DataPlan, logger_factory, outcome: RunOutcome,
-                    checkpointer: Checkpointer | None = None) -> ServerApp:
+                    checkpointer: Checkpointer | None = None, on_end=None) -> ServerApp:
+    """``on_end``: called when the round loop is over, whatever the reason (before Flower shuts Ray down)."""
     app = ServerApp()
 
     @app.main()
@@ -29,6 +30,8 @@ def make_server_app(cfg: dict, plan: DataPlan, logger_factory, outcome: RunOutco
             outcome.error = e
             raise
         finally:
+            if on_end is not None:
+                on_end()
             logger.close()
 
     return app

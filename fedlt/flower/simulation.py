@@ -57,25 +57,74 @@ def simulate(cfg: dict, plan: DataPlan, run_dir: Path, state: RunState | None, s
 
     from fedlt.flower.client_app import make_client_app
     from fedlt.flower.engine import tune_flower
-    from fedlt.flower.ray_backend import shutdown_ray, start_ray
+    from fedlt.flower.ray_backend import RayProcessWatch, shutdown_ray, start_ray
     from fedlt.flower.server_app import make_server_app
 
     start_ray(cfg, backend_config(cfg)["init_args"])  # BackendError within seconds instead of a hang
-    if after_ray_start is not None:
-        after_ray_start()
-    start_round = state.round if state is not None else 0
-    outcome = RunOutcome()
-    ckpt = Checkpointer(cfg, run_dir, resume_from=state, stop=stop)
-    server = make_server_app(cfg, plan, lambda: RunLogger(run_dir, int(cfg["num_rounds"]), start_round=start_round),
-                             outcome, ckpt)
-    client = make_client_app(cfg, plan)
-    tune_flower()
+    outcome = RunOutcome(last_round=state.round if state is not None else 0)
+    # the raylet and GCS of a Ray this process started (none when attached to a cluster: nothing to watch)
+    watch = RayProcessWatch(lambda name, pid, how: backend_died(cfg, run_dir, outcome, name, pid, how)).start()
     try:
-        run_simulation(server_app=server, client_app=client, num_supernodes=int(cfg["num_clients"]),
-                       backend_name="ray", backend_config=backend_config(cfg), verbose_logging=False)
-    except BaseException as e:
-        if outcome.error is None:
-            outcome.error = e
+        if after_ray_start is not None:
+            after_ray_start()
+        start_round = state.round if state is not None else 0
+        ckpt = Checkpointer(cfg, run_dir, resume_from=state, stop=stop)
+        server = make_server_app(cfg, plan,
+                                 lambda: RunLogger(run_dir, int(cfg["num_rounds"]), start_round=start_round),
+                                 outcome, ckpt, on_end=watch.stop)  # Flower stops Ray after the loop
+        client = make_client_app(cfg, plan)
+        tune_flower()
+        try:
+            run_simulation(server_app=server, client_app=client, num_supernodes=int(cfg["num_clients"]),
+                           backend_name="ray", backend_config=backend_config(cfg), verbose_logging=False)
+        except BaseException as e:
+            if outcome.error is None:
+                outcome.error = e
     finally:
+        watch.stop()  # the shutdown stops the raylet and GCS on purpose
         shutdown_ray()
     return outcome
+
+
+def backend_died_message(cfg: dict, run_dir: Path | None, outcome: RunOutcome, name: str, pid: int,
+                         how: str) -> str:
+    """What the person at the terminal reads when the raylet or GCS of this run's Ray died mid-run: which
+    process, in which round, how it ended (when known), and what the run folder keeps for ``fedlt resume``."""
+    from fedlt.core.checkpoint import list_checkpoints
+
+    total, done = int(cfg["num_rounds"]), int(outcome.last_round)
+    when = f"after round {done} of {total}" if done >= total else f"during round {done + 1} of {total}"
+    found = list_checkpoints(run_dir) if run_dir is not None else []
+    every = int((cfg.get("checkpoint") or {}).get("every", 0))
+    if found:
+        kept = (f"The run folder {run_dir} keeps the checkpoint of round {found[-1][0]}; continue the run with "
+                f"`fedlt resume={run_dir}` (rounds after {found[-1][0]} are run again).")
+    else:
+        why = (f"No checkpoint had been written yet (checkpoint.every={every})" if every > 0
+               else "Checkpoints are off (checkpoint.every=0)")
+        kept = f"{why}, so `fedlt resume={run_dir}` starts the run over in that folder."
+    return (f"Ray's {name} process (pid {pid}) died {when}{f' ({how})' if how else ''}; Ray cannot run the "
+            f"clients without it, so the run stopped. {kept} If memory ran out, run fewer client actors at once "
+            f"(backend.num_cpus, backend.num_cpus_per_client) or smaller clients.")
+
+
+def backend_died(cfg: dict, run_dir: Path | None, outcome: RunOutcome, name: str, pid: int, how: str) -> None:
+    """:class:`fedlt.flower.ray_backend.RayProcessWatch`'s callback: one paragraph on stderr, the remaining Ray
+    processes of this run stopped, exit 1 -- before Ray's own core ends the process without a word. The run
+    folder stays resumable: checkpoints are written atomically, and a resume cuts metrics.jsonl and TensorBoard
+    back to the checkpoint."""
+    import os
+    import sys
+
+    from fedlt.flower.ray_backend import kill_ray_processes, ray_descendants
+
+    try:
+        message = backend_died_message(cfg, run_dir, outcome, name, pid, how)
+    except Exception as e:  # noqa: BLE001 -- the exit below must happen whatever goes wrong here
+        message = f"Ray's {name} process (pid {pid}) died, so the run stopped ({type(e).__name__}: {e})."
+    print(f"fedlt: error: {message}", file=sys.stderr, flush=True)
+    try:
+        sys.stdout.flush()
+        kill_ray_processes(ray_descendants())
+    finally:
+        os._exit(1)

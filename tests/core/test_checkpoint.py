@@ -92,6 +92,7 @@ def test_failed_and_nan_clients_are_logged_by_id_and_never_aggregated(tmp_path, 
     for c, rnd, phase, mode in expected:
         f = next(f for f in outcome.failures if (f["client"], f["round"], f["phase"]) == (c, rnd, phase))
         assert reason[mode] in f["reason"], (mode, f["reason"])
+        assert f["reason"].startswith(f"client {c} failed in round {rnd} ({phase}): ") and "\n" not in f["reason"]
     for row in outcome.rows:  # every row lists the failures of its round, with the client id
         assert {(f["client"], f["phase"]) for f in row.get("failures", [])} == {
             (c, p) for c, rnd, p, _ in expected if rnd == row["round"]}
@@ -148,16 +149,23 @@ def test_loading_never_executes_code_from_the_file(tmp_path):
     d.mkdir()
     with open(d / "round-000001.pt", "wb") as f:
         pickle.dump({"format": 1, "x": Evil()}, f, protocol=2)
-    with pytest.raises(CheckpointError, match="round-000001.pt"):
+    with pytest.raises(CheckpointError, match="round-000001.pt") as refused:
         checkpoint.latest(tmp_path, CFG)
     assert not marker.exists()
+    # the refusal names what was refused in a whole sentence; torch's advice to load it unsafely is left out
+    message = str(refused.value)
+    assert "(UnpicklingError: Trying to load unsupported GLOBAL posix.system whose module posix is blocked.)" in message
+    assert "weights_only" not in message and message.endswith("(or from the start).")
 
 
 def test_truncated_checkpoint_is_reported_with_its_path(tmp_path):
     path = checkpoint.save(tmp_path, _state(1), CFG, keep=0)
     path.write_bytes(path.read_bytes()[:100])
-    with pytest.raises(CheckpointError, match="corrupt"):
+    with pytest.raises(CheckpointError, match="corrupt") as refused:
         checkpoint.latest(tmp_path, CFG)
+    # not cut mid-sentence: torch's first sentence, whole (it was cut at 200 characters, mid-word)
+    assert "(RuntimeError: PytorchStreamReader failed reading zip archive: failed finding central directory.)" in str(
+        refused.value)
 
 
 def test_resume_accepts_only_whitelisted_overrides():
