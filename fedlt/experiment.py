@@ -16,11 +16,11 @@ import numpy as np
 from fedlt.core import checkpoint, personalize
 from fedlt.core.interrupt import StopRequest
 from fedlt.core.rounds import RunOutcome
-from fedlt.data.federated import prepare, summary
+from fedlt.data.federated import prepare, profile_counts, server_set_summary, summary
 from fedlt.data.longtail import longtail_counts
 from fedlt.data.sources import load_source
 from fedlt.runlog import write_json_atomic
-from fedlt.validate import validate_prepared, validate_split
+from fedlt.validate import validate_prepared, validate_server_data, validate_split
 from strategies import get_strategy
 
 log = logging.getLogger("fedlt")
@@ -47,6 +47,7 @@ def prepare_run(cfg: dict, run_dir: Path | None):
     n_max = int(d.get("n_max") or np.bincount(np.asarray(source.train_y)).max())
     validate_prepared(cfg, int(longtail_counts(source.num_classes, n_max, float(d["imbalance_factor"]),
                                                d["profile"]).sum()))
+    validate_server_data(cfg, profile_counts(source, d))  # server_data.per_class fits every class
     plan, split, source = prepare(cfg)
     validate_prepared(cfg, int(split.global_counts.sum()), plan.num_classes)
     validate_split(cfg, split.client_train, split.client_test)
@@ -101,12 +102,13 @@ def _run(cfg: dict, run_dir: Path, resume: bool, stop: StopRequest, on_signal: b
     status(f"{'continuing' if resume else 'running'} strategy={cfg['strategy']['name']} on "
            f"dataset={cfg['dataset']['name']}: {cfg['num_clients']} clients, {cfg['num_rounds']} rounds; preparing "
            f"data (the first time a dataset is used it is decoded once and cached)")
-    plan, _, _ = prepare_run(cfg, None if resume else run_dir)
+    plan, split, source = prepare_run(cfg, None if resume else run_dir)
+    extra = {"server_data": server_set_summary(split, source)} if len(split.server_indices) else {}
     if state is not None and state.round == int(cfg["num_rounds"]):  # killed after the last checkpoint
         checkpoint.reset_run_dir(run_dir, state, cfg)
         outcome = RunOutcome(rows=state.rows, detail=state.detail, failures=state.failures, finished=True,
                              last_round=state.round, privacy=(state.privacy or {}).get("summary", {}))
-        return write_results(cfg, run_dir, outcome, t0, time.monotonic())
+        return write_results(cfg, run_dir, outcome, t0, time.monotonic(), extra)
     if stop.event.is_set():
         raise Interrupted(stop.exit_code, state.round if state else 0)
     def ray_is_up() -> None:
@@ -123,7 +125,7 @@ def _run(cfg: dict, run_dir: Path, resume: bool, stop: StopRequest, on_signal: b
         raise RunFailed(outcome.error)
     if not outcome.finished:
         raise Interrupted(stop.exit_code, outcome.last_round)
-    return write_results(cfg, run_dir, outcome, t0, t_sim)
+    return write_results(cfg, run_dir, outcome, t0, t_sim, extra)
 
 
 def _read_json(path: Path):
@@ -133,13 +135,15 @@ def _read_json(path: Path):
         return None
 
 
-def write_results(cfg: dict, run_dir: Path, outcome: RunOutcome, t0: float, t_sim: float) -> dict:
-    results = final_results(cfg, outcome, time.monotonic() - t0, time.monotonic() - t_sim)
+def write_results(cfg: dict, run_dir: Path, outcome: RunOutcome, t0: float, t_sim: float,
+                  extra: dict | None = None) -> dict:
+    results = final_results(cfg, outcome, time.monotonic() - t0, time.monotonic() - t_sim, extra)
     write_json_atomic(run_dir / "results.json", results)
     return results
 
 
-def final_results(cfg: dict, outcome: RunOutcome, wall_s: float, sim_s: float) -> dict:
+def final_results(cfg: dict, outcome: RunOutcome, wall_s: float, sim_s: float, extra: dict | None = None) -> dict:
+    """results.json; ``extra``: run facts beside the metrics (e.g. ``server_data``: the server-held set's size)."""
     last = outcome.rows[-1] if outcome.rows else {}
     stage = get_strategy(cfg["strategy"]["name"]).client_cls.personalization_stage(cfg)
     return {
@@ -157,4 +161,5 @@ def final_results(cfg: dict, outcome: RunOutcome, wall_s: float, sim_s: float) -
         "failures": outcome.failures,
         "pid": os.getpid(),
         **({"privacy": outcome.privacy} if outcome.privacy else {}),  # fedlt.privacy: mode, sampling, accountant
+        **(extra or {}),
     }

@@ -61,6 +61,7 @@ def main(grid: Grid, context: Context) -> None:
     from omegaconf import OmegaConf
 
     from fedlt.core.rounds import RunOutcome
+    from fedlt.data.federated import server_set_summary
     from fedlt.experiment import final_results, prepare_run
     from fedlt.flower.server_app import make_server_app
     from fedlt.flower.simulation import quiet_flower
@@ -72,11 +73,12 @@ def main(grid: Grid, context: Context) -> None:
     run_dir = Path(str(context.run_config.get("run-dir", "") or f"runs/flwr/{context.run_id}")).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(cfg)))
-    plan, _, _ = prepare_run(cfg, run_dir)
+    plan, split, source = prepare_run(cfg, run_dir)
+    extra = {"server_data": server_set_summary(split, source)} if len(split.server_indices) else {}
     outcome = RunOutcome()
     inner = make_server_app(cfg, plan, lambda: RunLogger(run_dir, int(cfg["num_rounds"]), progress=False), outcome)
     t_fed = time.monotonic()
     inner(grid=grid, context=context)
-    results = final_results(cfg, outcome, time.monotonic() - t0, time.monotonic() - t_fed)
+    results = final_results(cfg, outcome, time.monotonic() - t0, time.monotonic() - t_fed, extra)
     write_json_atomic(run_dir / "results.json", results)
     print(f"run_dir: {run_dir}", flush=True)

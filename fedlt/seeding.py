@@ -8,6 +8,7 @@ import torch
 
 # stream purposes (any distinct integers)
 INIT, TRAIN, SAMPLE, EVAL, FAULT, SERVER, PRIVACY = 1, 2, 3, 4, 5, 6, 7
+SERVER_SET = 8  # which long-tailed training images the server-held set takes (server_data.per_class)
 
 
 def derive_seed(seed: int, *keys: int) -> int:

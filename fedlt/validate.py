@@ -21,13 +21,15 @@ from fedlt.core.personalize import PersonalizationParams
 from fedlt.core.faults import FAULT_MODES, FAULT_PHASES, fault_modes
 from fedlt.data.local_testsets import LOCAL_TESTS
 from fedlt.data.longtail import PROFILES
+from fedlt.data.noise import LabelNoiseParams
 from fedlt.data.partition import PARTITIONERS
 from fedlt.data.sources import SOURCES
 from fedlt.data.validate import validate_data
 from fedlt.eval.posthoc import PosthocParams
 from fedlt.flower.ray_backend import address_problem
-from fedlt.models import HEADS, MODELS
-from fedlt.privacy import CENTRAL, MODES as PRIVACY_MODES, NONE
+from fedlt.models import HEADS, MODELS, NORMS
+from fedlt.privacy import CENTRAL, DPSGD, MODES as PRIVACY_MODES, NONE
+from fedlt.train.decoupled import DecoupledParams, model_check
 from fedlt.train.losses import validate_loss
 from fedlt.train.samplers import validate_sampler
 import strategies
@@ -38,12 +40,14 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # sampler/strategy are checked by their owners). Anything else -- a typo, a `+key=...` -- is refused.
 TOP_LEVEL = ("seed", "num_clients", "num_rounds", "participation", "local_epochs", "batch_size", "optimizer", "eval",
              "checkpoint", "resume", "fault_injection", "data_root", "cache_dir", "log_level", "dataset",
-             "partition", "model", "strategy", "loss", "sampler", "backend", "privacy", "personalization")
+             "partition", "model", "strategy", "loss", "sampler", "backend", "privacy", "personalization",
+             "server_data")
 SECTIONS = {
     "optimizer": ("lr", "momentum", "weight_decay"),
     "eval": ("every", "batch_size", "mask_absent_classes", "local_test", "holdout_fraction", "test_agnostic",
-             "posthoc"),
+             "posthoc", "decoupled"),
     "checkpoint": ("every", "keep", "on_signal"),
+    "server_data": ("per_class",),
     "fault_injection": ("probability", "mode", "phase"),
     "backend": ("name", "address", "num_cpus", "num_gpus", "num_cpus_per_client", "num_gpus_per_client", "device",
                 "torch_threads", "server_threads", "flush_denormal", "deterministic", "round_timeout_s",
@@ -72,11 +76,15 @@ def validate(cfg: dict) -> dict:
     check_choice(cfg, "dataset.source", sorted(SOURCES))
     check_float(cfg, "dataset.imbalance_factor", 1.0)
     check_choice(cfg, "dataset.profile", PROFILES)
+    if cfg["dataset"].get("label_noise") is not None:  # absent / null (run directories from before it): clean labels
+        check_params(cfg, "dataset.label_noise", LabelNoiseParams, ignore=())
     check_choice(cfg, "partition.name", sorted(PARTITIONERS))
     if "alpha" in cfg["partition"]:
         check_float(cfg, "partition.alpha", 0.0, lo_open=True)
     check_int(cfg, "partition.min_samples_per_client", 0)
     validate_data(cfg)  # the remaining dataset.* / partition.* / holdout options
+    if (cfg.get("server_data") or {}).get("per_class") is not None:  # null / absent: the strategy's own size
+        check_int(cfg, "server_data.per_class", 0)
     _model(cfg)
     check_choice(cfg, "strategy.name", sorted(strategies.STRATEGIES))  # read now: tests may register more
     validate_loss(cfg)
@@ -86,6 +94,7 @@ def validate(cfg: dict) -> dict:
     server = get_strategy(cfg["strategy"]["name"])
     check_params(cfg, "strategy", server.params)
     server.validate_config(cfg)  # cross-option rules of the strategy (e.g. FedLoGe needs loss=ce)
+    _decoupled(cfg, server)
     if cfg["backend"].get("client_batching"):
         check_supported(cfg, server)
     _privacy(cfg, server)
@@ -103,6 +112,19 @@ def validate_prepared(cfg: dict, train_size: int, num_classes: int | None = None
             f"{train_size} clients are possible; lower num_clients or the imbalance factor.")
     if num_classes is not None:
         get_strategy(cfg["strategy"]["name"]).validate_data(cfg, num_classes)
+
+
+def validate_server_data(cfg: dict, counts) -> int:
+    """``server_data.per_class`` against the long-tailed training counts (before the split is drawn): an explicit
+    N must leave every class at least one image for the clients; a strategy that needs a server set (e.g. Ratio
+    Loss) gets one that fits (fedlt.data.federated.server_set_size). Returns the images per class (0 = none)."""
+    from fedlt.data.federated import server_set_size
+    from fedlt.data.sources import DataError
+
+    try:
+        return server_set_size(cfg, counts)
+    except DataError as e:
+        raise ConfigError(str(e)) from None
 
 
 def validate_split(cfg: dict, client_train: list, client_test: list) -> None:
@@ -163,6 +185,39 @@ def _eval(cfg: dict) -> None:
             fail("eval.test_agnostic.imbalance_factors", ifs, "expected a list of numbers >= 1, e.g. [10, 50]")
     if "posthoc" in cfg["eval"]:
         check_params(cfg, "eval.posthoc", PosthocParams, ignore=())
+    if cfg["eval"].get("decoupled") is not None:
+        check_params(cfg, "eval.decoupled", DecoupledParams, ignore=())
+        d = cfg["eval"]["decoupled"]
+        if d.get("smote_ratio") is not None and not d.get("enabled"):
+            raise ConfigError(
+                f"invalid combination eval.decoupled.smote_ratio={d['smote_ratio']} with eval.decoupled.enabled=false: "
+                f"feature SMOTE trains the fsmote head on the frozen features of the decoupled re-training, which is "
+                f"off; set eval.decoupled.enabled=true, or leave smote_ratio null.")
+
+
+def _decoupled(cfg: dict, server) -> None:
+    """``eval.decoupled`` re-trains / re-scales a plain linear head on ``features(x)``: refuse strategies whose
+    client model has none (checked on a tiny model of the same structure)."""
+    if not ((cfg["eval"].get("decoupled") or {}).get("enabled")):
+        return
+    import torch
+
+    from fedlt.models import build_model
+
+    probe_cfg = {**cfg["model"], "name": "cnn", "width": 2, "feature_dim": 8}
+    probe_cfg.pop("widths", None)
+    torch_state = torch.random.get_rng_state()
+    try:
+        model = server.client_cls.build_model(build_model(probe_cfg, 1, 3), cfg)
+        problem = model_check(model, (1, 16, 16))
+    finally:
+        torch.random.set_rng_state(torch_state)
+    if problem:
+        head = cfg["model"].get("head")
+        raise ConfigError(
+            f"invalid combination eval.decoupled.enabled=true with strategy={cfg['strategy']['name']}"
+            f"{' and model.head=' + str(head) if head not in (None, 'linear') else ''}: {problem}. cRT/LWS/feature SMOTE need a backbone followed by a linear head (e.g. fedavg, fedprox, "
+            f"fedper, fedrep, fedrod, creff, moon, with model.head=linear); use eval.decoupled.enabled=false.")
 
 
 def _model(cfg: dict) -> None:
@@ -170,6 +225,8 @@ def _model(cfg: dict) -> None:
     m = cfg["model"]
     if "head" in m:
         check_choice(cfg, "model.head", HEADS)
+    if "norm" in m:
+        check_choice(cfg, "model.norm", NORMS)
     for key in ("width", "feature_dim"):
         if key in m:
             check_int(cfg, f"model.{key}", 1)
@@ -315,6 +372,62 @@ def _privacy(cfg: dict, server) -> None:
             f"backend.client_batching=false.")
     if name == CENTRAL:
         _central_dp(cfg)
+    elif name == DPSGD:
+        _dp_sgd(cfg, server)
+
+
+# losses that are a mean of per-sample terms and read nothing of the client's data but the sample itself
+DP_SGD_LOSSES = ("ce", "focal", "gce", "sce")
+
+
+def _dp_sgd(cfg: dict, server) -> None:
+    """Sample-level DP-SGD (:mod:`fedlt.privacy.dp_sgd`): per-sample gradients must exist (no BatchNorm), the loss
+    must be per-sample and not read the client's class counts, batches must be the Poisson ones the accountant
+    assumes, and the algorithm's whole local update must be the DP-SGD loop."""
+    from fedlt.api.client import ClientAlgorithm
+    from fedlt.models import norm_name
+
+    strategy = cfg["strategy"]["name"]
+    norm = norm_name(cfg["model"])
+    if norm != "group":
+        raise ConfigError(
+            f"invalid combination privacy=dp_sgd with model.norm={norm}: DP-SGD clips every sample's own gradient, "
+            f"and BatchNorm has none (it normalises each sample with its batch's statistics, so one sample's "
+            f"gradient depends on the others, and its running statistics are computed from the data without "
+            f"noise). Add model.norm=group (GroupNorm, which normalises every sample on its own).")
+    loss = (cfg.get("loss") or {}).get("name", "ce")
+    if loss not in DP_SGD_LOSSES:
+        raise ConfigError(
+            f"invalid combination privacy=dp_sgd with loss={loss}: DP-SGD needs a loss that is a mean of per-sample "
+            f"terms reading nothing but the sample, and {loss} reads the client's per-class training counts (or, "
+            f"ldam_drw, re-weights by the batch's total weight), so one sample changes every other sample's loss, "
+            f"which per-sample clipping does not cover; use one of {', '.join(DP_SGD_LOSSES)}.")
+    sampler = (cfg.get("sampler") or {}).get("name", "uniform")
+    if sampler != "uniform":
+        raise ConfigError(
+            f"invalid combination privacy=dp_sgd with sampler={sampler}: DP-SGD draws its own Poisson batches (every "
+            f"sample independently with probability 1/ceil(n_k/batch_size)), which is what the accountant assumes; "
+            f"a re-sampler would change that. Use sampler=uniform.")
+    client = server.client_cls
+
+    def owner(attr: str) -> type:
+        return next(c for c in client.__mro__ if attr in vars(c))
+
+    trainer = owner("train")
+    why = ""
+    if not vars(trainer).get("dp_sgd_ready", False):
+        why = (f"its local update ({trainer.__name__}.train) is not a single ClientAlgorithm.local_epochs call (extra "
+               f"heads, losses or passes over the data), so some of its training would not be DP-SGD")
+    elif owner("loss_fn") is not ClientAlgorithm:
+        why = (f"it replaces the client loss ({owner('loss_fn').__name__}.loss_fn), which reads the client's "
+               f"per-class counts: one sample would change every sample's loss")
+    elif owner("local_epochs") is not ClientAlgorithm:
+        why = f"it replaces the local loop itself ({owner('local_epochs').__name__}.local_epochs)"
+    if why:
+        raise ConfigError(
+            f"invalid combination privacy=dp_sgd with strategy={strategy}: {why}. DP-SGD runs with strategies "
+            f"whose clients train with one plain local_epochs call, e.g. fedavg, fedprox, fedavgm, fedadam, fedper; "
+            f"use one of those, or client-level DP (privacy=dp_central or dp_local).")
 
 
 def _central_dp(cfg: dict) -> None:

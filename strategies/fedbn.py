@@ -82,6 +82,16 @@ class Server(ServerAlgorithm):
     client_cls = FedBNClient
     params = NoParams
 
+    @staticmethod
+    def validate_config(cfg: dict) -> None:
+        norm = (cfg.get("model") or {}).get("norm") or "batch"
+        if norm != "batch":
+            from fedlt.config import ConfigError
+
+            raise ConfigError(f"invalid combination strategy=fedbn with model.norm={norm}: FedBN keeps every "
+                              f"BatchNorm layer on its client, and a model.norm={norm} model has none (FedBN would be "
+                              f"FedAvg); use model.norm=batch.")
+
     def generic_metrics(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int,
                         batch_size: int, evaluation=None) -> tuple[dict, dict]:
         return {"generic/accuracy": None}, {"not_applicable": "FedBN has no global BatchNorm layers"}

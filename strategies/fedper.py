@@ -19,6 +19,7 @@ from fedlt.api.server import NoParams, ServerAlgorithm
 
 class FedPerClient(ClientAlgorithm):
     personal_prefixes = ("head.",)
+    dp_sgd_ready = True  # train = the base class's one local_epochs call + a copy of the head (privacy=dp_sgd)
 
     @classmethod
     def personalization_stage(cls, cfg: dict) -> str:

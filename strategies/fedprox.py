@@ -13,6 +13,8 @@ from strategies.fedavg import Server as FedAvgServer
 
 
 class FedProxClient(FedAvgClient):
+    dp_sgd_ready = True  # one local_epochs call; the proximal term reads no data (privacy=dp_sgd adds its gradient)
+
     def train(self, ctx) -> dict[str, float]:
         mu = float(ctx.strategy["mu"])
         params = [p for p in ctx.model.parameters() if p.requires_grad]

@@ -49,6 +49,9 @@ CASES = [
     ("unknown-strategy-name", ["strategy.name=nope"], "strategy.name='nope'"),
     ("unknown-model", ["model.name=vgg"], "model.name='vgg'"),
     ("unknown-profile", ["dataset.profile=linear"], "dataset.profile='linear'"),
+    ("range-label-noise", ["dataset.label_noise.rate=1"], "dataset.label_noise.rate=1"),
+    ("unknown-label-noise", ["dataset.label_noise.kind=uniform"], "dataset.label_noise.kind='uniform'"),
+    ("local-lt-on-a-long-tail", ["partition=local_lt"], "partition=local_lt with dataset.imbalance_factor=100"),
     ("unknown-fault-mode", ["fault_injection.mode=explode"], "fault_injection.mode='explode'"),
     ("unknown-fault-phase", ["fault_injection.phase=never"], "fault_injection.phase='never'"),
     ("bad-address", ["backend.address=localhost"], "backend.address='localhost'"),
@@ -63,6 +66,9 @@ CASES = [
     ("data-missing", ["dataset.path=/nonexistent/fmnist"], "/nonexistent/fmnist"),
     ("data-corrupt", ["dataset.path=DATA", "cache_dir=DATA/cache"], "corrupt"),
     ("too-many-clients", ["num_clients=100000"], "num_clients=100000"),
+    ("server-data-negative", ["server_data.per_class=-1"], "server_data.per_class=-1"),
+    ("server-data-too-large", ["server_data.per_class=60"], "server_data.per_class=60"),  # smallest class: 60
+    ("server-data-off-for-ratioloss", ["strategy=ratioloss", "server_data.per_class=0"], "server_data.per_class=0"),
     # resume
     ("resume-missing-dir", ["resume=/nonexistent/run"], "resume='/nonexistent/run'"),
     ("resume-a-file", ["resume=FILE"], "is not a directory"),
@@ -78,6 +84,8 @@ CASES = [
     ("model-widths", ["model=resnet8", "model.widths=[0,0,0]"], "model.widths=[0, 0, 0]"),
     ("model-feature-dim", ["model.feature_dim=-5"], "model.feature_dim=-5"),
     ("model-head", ["model.head=foo"], "model.head='foo'"),
+    ("model-norm", ["model.norm=layer"], "model.norm='layer'"),
+    ("dp-sgd-batchnorm", ["privacy=dp_sgd"], "privacy=dp_sgd with model.norm=batch"),
     ("local-epochs-0", ["local_epochs=0"], "local_epochs=0"),
     ("server-threads-0", ["backend.server_threads=0"], "backend.server_threads=0"),
     ("round-timeout-tiny", ["backend.round_timeout_s=0.001"], "backend.round_timeout_s=0.001"),
@@ -90,12 +98,16 @@ CASES = [
     ("run-dir-holds-a-run", ["hydra.run.dir=RUN"], "already holds a run"),
     ("empty-clients", ["num_clients=40", "partition.alpha=0.001"], "have no training data"),
     ("recursive-interpolation", ["num_rounds=${num_rounds}"], "at num_rounds: Recursive interpolation"),
+    ("episodic-too-big", ["sampler=episodic", "sampler.shots=16"], "ways x shots = 4 x 16 = 64"),
+    ("decoupled-no-linear-head", ["strategy=fedloge", "eval.decoupled.enabled=true"],
+     "eval.decoupled.enabled=true with strategy=fedloge"),
+    ("smote-without-decoupled", ["eval.decoupled.smote_ratio=0.5"], "eval.decoupled.smote_ratio=0.5"),
 ]
 if torch.cuda.device_count() == 0:
     CASES.append(("gpu-without-gpu", ["backend.num_gpus_per_client=1"], "backend.num_gpus_per_client=1"))
 if os.geteuid() != 0:  # root reads everything
     CASES.append(("resume-unreadable", ["resume=LOCKED"], "cannot be read and written"))
-NEEDS_DATA = {"too-many-clients", "empty-clients"}
+NEEDS_DATA = {"too-many-clients", "empty-clients", "server-data-too-large"}
 
 
 @pytest.fixture(scope="module")
@@ -204,3 +216,6 @@ def test_bad_input_console_script(overrides, named, tmp_path):
     res = run_fedlt(*overrides, run_dir=run_dir, timeout=120)
     assert_refused(res.returncode, res.stderr + res.stdout, named, run_dir)
     assert res.returncode == 2
+    # the folder Hydra made for this command is gone (it stayed when importing took over a second, as on a
+    # loaded machine: the command's start was taken after Hydra had made it)
+    assert not run_dir.exists()

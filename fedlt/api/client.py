@@ -24,6 +24,8 @@ import torch
 from torch import nn
 
 from fedlt.data.federated import ClientData
+from fedlt.privacy.params import DPSGD
+from fedlt.privacy.params import mode as privacy_mode
 from fedlt.train.local import run_local_epochs, sgd, supervised_step
 from fedlt.train.losses import build_loss
 
@@ -70,12 +72,23 @@ class ClientAlgorithm:
       * ``extra_uploads`` -- what ``ctx.uploads`` carries, in words ("" = nothing besides the shared model
         arrays). Client-level DP (``privacy=dp_central|dp_local``) clips and noises only the model update, so it
         refuses algorithms that declare extra uploads, naming them.
+      * ``dp_sgd_ready`` -- sample-level DP (``privacy=dp_sgd``) replaces ``local_epochs`` by DP-SGD
+        (:mod:`fedlt.privacy.dp_sgd`). A class that overrides ``train`` sets ``dp_sgd_ready = True`` in its own
+        body only when its whole local update is ONE ``local_epochs`` call of the run's ``local_epochs`` epochs
+        (plus, at most, a data-independent ``extra`` term); otherwise ``dp_sgd`` is refused for it.
+      * ``eval_uploads(ctx) -> {key: tensor}`` -- statistics of the received global model on the client's data,
+        asked of EVERY client (sampled or not) at each evaluation round, before the server scores anything (e.g.
+        CCVR's per-class feature means / covariances / counts). Overriding it makes the core run one extra
+        evaluate exchange per evaluation round (the "eval-uploads" pass) whose replies go to
+        :meth:`fedlt.api.server.ServerAlgorithm.after_eval_uploads`; the default (no override) costs nothing.
+        They are uploads besides the model update: declare them in ``extra_uploads`` too (DP refuses the run).
     """
 
 
     personal_prefixes: tuple[str, ...] = ()
     frozen_prefixes: tuple[str, ...] = ()
     extra_uploads: str = ""
+    dp_sgd_ready: bool = True  # read from the class that defines ``train`` (fedlt.validate; see above)
 
     # ------------------------------------------------------------------ what travels (the one rule)
     @classmethod
@@ -112,7 +125,12 @@ class ClientAlgorithm:
                           num_rounds=int(ctx.cfg["num_rounds"]))
 
     def local_epochs(self, ctx: ClientContext, model: nn.Module, params, extra=None, epochs=None) -> dict:
-        """Plain supervised local SGD on ``params`` of ``model`` with the run's optimizer settings."""
+        """Plain supervised local SGD on ``params`` of ``model`` with the run's optimizer settings (under
+        ``privacy=dp_sgd``: DP-SGD, :func:`fedlt.privacy.dp_sgd.train_epochs`)."""
+        if privacy_mode(ctx.cfg) == DPSGD:
+            from fedlt.privacy.dp_sgd import train_epochs
+
+            return train_epochs(ctx, model, list(params), self.loss_fn(ctx), extra, epochs)
         opt = sgd(params, ctx.cfg["optimizer"])
         step = supervised_step(model, opt, self.loss_fn(ctx), extra)
         return run_local_epochs(ctx.data, int(ctx.cfg["local_epochs"] if epochs is None else epochs),
@@ -123,6 +141,17 @@ class ClientAlgorithm:
         return self.local_epochs(ctx, ctx.model, [p for p in ctx.model.parameters() if p.requires_grad])
 
     # -------------------------------------------------------------------------------------- evaluation
+    def eval_uploads(self, ctx: ClientContext) -> dict[str, torch.Tensor]:
+        """Arrays this client sends in the eval-uploads pass of an evaluation round (see the class docstring):
+        ``ctx.model`` holds the round's global model (with this client's personal state), ``ctx.data`` its data;
+        keys must not be model keys. Not overridden (the default): no such pass."""
+        return {}
+
+    @classmethod
+    def uses_eval_uploads(cls) -> bool:
+        """Does the core run the eval-uploads pass for this algorithm (``eval_uploads`` is overridden)?"""
+        return cls.eval_uploads is not ClientAlgorithm.eval_uploads
+
     def predictors(self, ctx: ClientContext) -> dict[str, Predictor]:
         ctx.model.eval()
         return {"model": ctx.model}

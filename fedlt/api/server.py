@@ -20,6 +20,10 @@ Hooks (override in ``strategies/<name>.py``, class ``Server``):
 * ``frozen_arrays(model)`` -- arrays built once on the server and sent once to each client.
 * ``aggregate(server_round, sent, replies)`` -- the new shared arrays from accepted replies.
 * ``after_aggregate(server_round, arrays, replies)`` -- a server-side step after aggregation (e.g. CReFF).
+* ``after_eval_uploads(server_round, arrays, replies)`` -- at an evaluation round, the replies of EVERY client's
+  ``ClientAlgorithm.eval_uploads`` (statistics of the round's global model ``arrays``), seen before anything is
+  scored; returns arrays sent with that round's evaluate messages (``ctx.received``), e.g. CCVR's calibrated head.
+  Runs only for algorithms whose client overrides ``eval_uploads``.
 * ``generic_predictors(model)`` -- the global model(s) scored on the balanced test set; the first is primary
   (``generic_metrics`` adds the ``eval.posthoc`` predictors after them, for every strategy).
 * ``diagnostics(model, x)`` -- extra scalars about the global model, logged with every evaluation.
@@ -36,6 +40,7 @@ from flwr.app import Array, ArrayRecord, Message
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from fedlt.api.client import ClientAlgorithm, Predictor
+from fedlt.data.federated import ClientData
 from fedlt.config import clients_per_round
 from fedlt.eval import posthoc
 from fedlt.eval.generic import GenericEvaluation
@@ -60,6 +65,9 @@ class ServerAlgorithm:
     def __init__(self, cfg: dict):
         self.cfg = cfg
         self.frozen: dict[str, torch.Tensor] = {}
+        # the server-held balanced training set (``server_data.per_class``; a ClientData view, client_id -1), set by
+        # the core before round 1; None without one. A strategy that needs it declares ``strategy.server_per_class``
+        self.server_data: ClientData | None = None
 
     # ---------------------------------------------------------------------------------- validation
     @staticmethod
@@ -97,6 +105,15 @@ class ServerAlgorithm:
 
     def after_aggregate(self, server_round: int, arrays: ArrayRecord, replies: list[Message]) -> ArrayRecord:
         return arrays
+
+    def after_eval_uploads(self, server_round: int, arrays: ArrayRecord,
+                           replies: list[Message]) -> dict[str, torch.Tensor]:
+        """Evaluation rounds, for clients that override ``eval_uploads``: ``replies`` are the accepted replies
+        of the eval-uploads pass (every client that answered, sorted by client id; each holds ``arrays`` =
+        its uploads and the metrics ``client-id`` / ``num-examples``). Called after aggregation and before
+        ``generic_predictors`` and the clients' evaluation; returns extra arrays for this round's evaluate messages
+        (merged into ``ctx.received``; not sent with train messages)."""
+        return {}
 
     def generic_predictors(self, model: torch.nn.Module) -> dict[str, Predictor]:
         model.eval()

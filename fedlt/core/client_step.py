@@ -34,14 +34,18 @@ from fedlt.core.model import build_run_model
 from fedlt.data.federated import ClientData, DataPlan, client_data
 from fedlt.eval.posthoc import with_prior_correction
 from fedlt.eval.predict import absent_class_mask, apply_mask, local_eval_record, predict_logits
+from fedlt.privacy import DPSGD
 from fedlt.privacy import enabled as privacy_enabled
-from fedlt.privacy.clipping import protect_update
+from fedlt.privacy import mode as privacy_mode
+from fedlt.privacy.clipping import WITHHELD, protect_update
 from fedlt.seeding import EVAL, INIT, TRAIN, derive_seed, torch_generator
+from fedlt.train.decoupled import decoupled_predictors
 from fedlt.train.samplers import sampler_spec
 
 FROZEN = "fedlt.frozen"  # context.state record holding the frozen arrays a client received once
 COHORT = "cohort"  # message type suffix of client batching: "train.cohort"
 RECEIVED = "fedlt.received"  # message record of ServerAlgorithm.round_arrays (the client's ctx.received)
+EVAL_UPLOADS = "eval-uploads"  # evaluate-message config flag: reply with ClientAlgorithm.eval_uploads, score nothing
 
 
 # ------------------------------------------------------------------------------------ torch settings
@@ -164,11 +168,13 @@ def with_sampler(data: ClientData, cfg: dict, rnd: int) -> ClientData:
 
 def predictors_of(algo: ClientAlgorithm, ctx: ClientContext) -> dict:
     """The personalized predictors a client is scored with: the algorithm's own (the first is primary), the
-    prior-corrected primary (``eval.posthoc``), and the shared fine-tuning (``personalization.*``) for methods
-    without a personalization step of their own -- the same additions for every method."""
+    prior-corrected primary (``eval.posthoc``), the shared fine-tuning (``personalization.*``) for methods
+    without a personalization step of their own, and the heads re-trained on the client's frozen features
+    (``eval.decoupled``: crt, lws, fsmote) -- the same additions for every method."""
     predictors = with_prior_correction(algo.predictors(ctx), ctx.data.train_counts, ctx.cfg)
     if personalize.applies(type(algo), ctx.cfg):
         predictors["finetuned"] = personalize.finetuned(algo, ctx)
+    predictors.update(decoupled_predictors(ctx.model, ctx.data, ctx.cfg, ctx.round, ctx.device))  # eval.decoupled
     return predictors
 
 
@@ -200,7 +206,13 @@ def train(rt: ClientRuntime, msg: Message, context: Context) -> Message:
     metrics; its personal arrays and extra state go back to the server (server-held) or stay in the context."""
     ctx = load_client(rt, msg, context, TRAIN)
     fault = act_out_fault(rt.cfg, ctx.data.client_id, ctx.round, "train", rt.device)
-    metrics = rt.algorithm.train(ctx)
+    if privacy_mode(rt.cfg) == DPSGD:  # sample-level DP: every local step is a counted DP-SGD step
+        from fedlt.privacy.dp_sgd import session
+
+        with session(rt.cfg, ctx.data.client_id, ctx.data.num_train):
+            metrics = rt.algorithm.train(ctx)
+    else:
+        metrics = rt.algorithm.train(ctx)
     algo = rt.algorithm
     sd = rt.model.state_dict()
     shared = {k: v.detach().cpu().clone() for k, v in sd.items() if algo.is_shared(k)}
@@ -231,6 +243,8 @@ def evaluate(rt: ClientRuntime, msg: Message, context: Context) -> Message:
     """Every personalized predictor of the client on its local test set, masked and unmasked."""
     ctx = load_client(rt, msg, context, EVAL)
     act_out_fault(rt.cfg, ctx.data.client_id, ctx.round, "evaluate", rt.device)
+    if msg.content["config"].get(EVAL_UPLOADS):
+        return eval_uploads(rt, ctx, msg)
     data = ctx.data
     mask = absent_class_mask(data.test_counts)
     record: dict = {"num-examples": int(data.test_y.numel()), "client-id": data.client_id,
@@ -241,6 +255,18 @@ def evaluate(rt: ClientRuntime, msg: Message, context: Context) -> Message:
         for variant, lg in (("unmasked", logits), ("masked", apply_mask(logits, mask))):
             record.update(local_eval_record(lg, data.test_y, rt.plan.num_classes, f"{name}/{variant}"))
     return Message(RecordDict({"metrics": MetricRecord(record)}), reply_to=msg)
+
+
+def eval_uploads(rt: ClientRuntime, ctx: ClientContext, msg: Message) -> Message:
+    """The eval-uploads pass of an evaluation round: the algorithm's ``eval_uploads(ctx)`` on the received global
+    model, nothing scored. Under client-level DP they are withheld (never protected; such algorithms are refused
+    before the run, and the server stops on a reply that counts withheld arrays)."""
+    uploads = {k: v.detach().cpu().clone() for k, v in rt.algorithm.eval_uploads(ctx).items()}
+    record = {"num-examples": ctx.data.num_train, "client-id": ctx.data.client_id}
+    if privacy_enabled(rt.cfg) and uploads:
+        record[WITHHELD] = float(len(uploads))
+        uploads = {}
+    return Message(RecordDict({"arrays": ArrayRecord(uploads), "metrics": MetricRecord(record)}), reply_to=msg)
 
 
 def train_cohort_message(rt: ClientRuntime, msg: Message, context: Context) -> Message:

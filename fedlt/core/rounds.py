@@ -7,7 +7,9 @@ One round: the strategy samples clients by client id (seeded, independent of nod
 arrays (plus the frozen arrays the first time, plus its own server-held state, :mod:`fedlt.core.client_state`);
 replies with errors or non-finite arrays are rejected and logged; the rest are aggregated in client-id order (a
 fixed summation order makes the average bitwise reproducible). On evaluation rounds the global model is scored
-on the balanced test set here, and EVERY client scores its personalized predictors on its local test set.
+on the balanced test set here, and EVERY client scores its personalized predictors on its local test set;
+algorithms whose clients override ``eval_uploads`` (CCVR) first get one more evaluate exchange in which every
+client sends statistics of that global model (``ServerAlgorithm.after_eval_uploads``), before anything is scored.
 """
 
 from __future__ import annotations
@@ -25,11 +27,11 @@ from flwr.serverapp import Grid
 from fedlt.api.server import NUM_EXAMPLES, ServerAlgorithm
 from fedlt.core.checkpoint import Checkpointer, RunState, rng_state, seed_round, set_rng_state
 from fedlt.core.client_state import ClientStateStore
-from fedlt.core.client_step import COHORT, RECEIVED
+from fedlt.core.client_step import COHORT, EVAL_UPLOADS, RECEIVED
 from fedlt.core.cohort import cohorts
-from fedlt.core.failures import check_actors_alive, describe, is_backend_failure
+from fedlt.core.failures import NON_FINITE, TIMEOUT, check_actors_alive, error_failure, failure, is_backend_failure
 from fedlt.core.model import build_run_model
-from fedlt.data.federated import DataPlan, global_test
+from fedlt.data.federated import DataPlan, global_test, open_plan, server_data
 from fedlt.eval.generic import GenericEvaluation
 from fedlt.privacy import CENTRAL
 from fedlt.privacy import enabled as privacy_enabled
@@ -96,9 +98,10 @@ class Dispatch:
             raise RuntimeError(f"no node answered for clients {missing[:10]}")
         self.client_of_node = {node: cid for cid, node in self.node_of_client.items()}
 
-    def message(self, client: int, arrays: ArrayRecord, config: dict, kind: str) -> Message:
+    def message(self, client: int, arrays: ArrayRecord, config: dict, kind: str,
+                received: dict | None = None) -> Message:
         content = RecordDict({"arrays": arrays, "config": ConfigRecord(config)})
-        extra = self.strategy.round_arrays(int(config["server-round"]))
+        extra = {**self.strategy.round_arrays(int(config["server-round"])), **(received or {})}
         if extra:
             content[RECEIVED] = ArrayRecord({k: v.detach().cpu() for k, v in extra.items()})
         frozen = self.strategy.frozen
@@ -127,29 +130,36 @@ class Dispatch:
                                message_type=f"{MessageType.TRAIN}.{COHORT}"))
         return out
 
-    def evaluate_messages(self, rnd: int, arrays: ArrayRecord) -> list[Message]:
-        return [self.message(c, arrays, {"server-round": rnd}, MessageType.EVALUATE)
+    def evaluate_messages(self, rnd: int, arrays: ArrayRecord, received: dict | None = None,
+                          uploads: bool = False) -> list[Message]:
+        """One evaluate message per client; ``received``: extra arrays for the clients' ``ctx.received``
+        (``after_eval_uploads``); ``uploads``: the eval-uploads pass (clients reply with ``eval_uploads``)."""
+        config = {"server-round": rnd, **({EVAL_UPLOADS: True} if uploads else {})}
+        return [self.message(c, arrays, config, MessageType.EVALUATE, received)
                 for c in sorted(self.node_of_client)]
 
-    def split_replies(self, sent: list[Message], replies: Iterable[Message],
-                      timeout: float) -> tuple[list[Message], list[dict]]:
+    def split_replies(self, sent: list[Message], replies: Iterable[Message], timeout: float, rnd: int = 0,
+                      phase: str = "train") -> tuple[list[Message], list[dict]]:
         """Keep replies without errors and with finite arrays, sorted by client id; return the rest, and the
-        clients that did not answer within the timeout, as failure records."""
+        clients that did not answer within the timeout, as failure records (:func:`fedlt.core.failures.failure`:
+        one logged sentence each, naming client, round ``rnd``, ``phase`` and the error)."""
         ok, failures, answered = [], [], set()
         for r in replies:
             answered.add(r.metadata.src_node_id)
             cid = self.client_of_node.get(r.metadata.src_node_id, -1)
             if r.has_error():
-                failures.append({"client": cid, "reason": describe(str(r.error.reason))})
+                failures.append(error_failure(cid, rnd, phase, str(r.error.reason)))
                 continue
             bad = [k for rec in r.content.array_records.values() for k, a in rec.items()
                    if np.issubdtype(a.numpy().dtype, np.floating) and not np.isfinite(a.numpy()).all()]
             if bad:
-                failures.append({"client": cid, "reason": f"non-finite update in {bad[:3]} (rejected)"})
+                more = f" and {len(bad) - 3} more arrays" if len(bad) > 3 else ""
+                failures.append(failure(cid, rnd, phase, NON_FINITE, f"non-finite update (NaN or inf values in "
+                                        f"{', '.join(bad[:3])}{more}); it was rejected"))
                 continue
             ok.append(r)
-        failures += [{"client": self.client_of_node.get(m.metadata.dst_node_id, -1),
-                      "reason": f"no reply within backend.round_timeout_s={timeout:g} s"}
+        failures += [failure(self.client_of_node.get(m.metadata.dst_node_id, -1), rnd, phase, TIMEOUT,
+                             f"no reply within backend.round_timeout_s={timeout:g} s; the round went on without it")
                      for m in sent if m.metadata.dst_node_id not in answered]
         ok.sort(key=client_of)
         return ok, failures
@@ -165,6 +175,7 @@ def run_rounds(strategy: ServerAlgorithm, grid: Grid, cfg: dict, plan: DataPlan,
     seed = int(cfg["seed"])
     torch.manual_seed(derive_seed(seed, INIT))
     model = build_run_model(cfg, plan, strategy.client_cls)
+    strategy.server_data = server_data(plan)  # server_data.per_class: the server-held balanced set (or None)
     arrays = strategy.initial_arrays(model)
     dispatch = Dispatch(strategy, cfg, actors)
     start, elapsed_before = 0, 0.0
@@ -180,7 +191,8 @@ def run_rounds(strategy: ServerAlgorithm, grid: Grid, cfg: dict, plan: DataPlan,
         from fedlt.privacy.server import RunPrivacy
 
         privacy = RunPrivacy(cfg, state.privacy if state is not None else None,
-                             buffers={k for k, _ in model.named_buffers()})
+                             buffers={k for k, _ in model.named_buffers()},
+                             train_sizes=[len(t) for t in open_plan(plan)[1].client_train])  # dp_sgd's q_k
         dispatch.privacy = privacy
     for r in range(1, start + 1):  # sampling is a pure function of (seed, round)
         dispatch.ever_sampled.update(strategy.sample_clients(r) if privacy is None
@@ -195,10 +207,7 @@ def run_rounds(strategy: ServerAlgorithm, grid: Grid, cfg: dict, plan: DataPlan,
 
     def exchange(rnd: int, phase: str, sent: list[Message]) -> list[Message]:
         replies = grid.send_and_receive(sent, timeout=timeout) if sent else []  # Poisson sampling may pick none
-        ok, failures = dispatch.split_replies(sent, replies, timeout)
-        for f in failures:
-            f["round"], f["phase"] = rnd, phase
-            log.warning("round %d: client %s failed in %s: %s", rnd, f["client"], phase, f["reason"])
+        ok, failures = dispatch.split_replies(sent, replies, timeout, rnd, phase)  # each failure logged there
         outcome.failures.extend(failures)
         if phase == "train" and not ok and any(is_backend_failure(f) for f in failures):
             check_actors_alive(grid, list(dispatch.client_of_node), startup_timeout)  # raises if all are dead
@@ -251,6 +260,12 @@ def run_rounds(strategy: ServerAlgorithm, grid: Grid, cfg: dict, plan: DataPlan,
                             cfg["privacy"]["target_epsilon"], privacy.epsilon())
         logger.train_round(rnd, {k: v for k, v in row.items() if k != "round"} | {"time/train_s": time.monotonic() - t0})
         if is_eval_round(rnd, cfg) or budget_stop:
+            received = {}
+            if strategy.client_cls.uses_eval_uploads():  # statistics of this global model from every client first
+                up_ok = exchange(rnd, "eval_uploads", dispatch.evaluate_messages(rnd, arrays, uploads=True))
+                if privacy is not None:
+                    privacy.check_replies(up_ok, cfg["strategy"]["name"])
+                received = strategy.after_eval_uploads(rnd, arrays, up_ok)
             model.load_state_dict(arrays.to_torch_state_dict(), strict=False)
             if strategy.frozen:
                 model.load_state_dict(strategy.frozen, strict=False)
@@ -259,7 +274,7 @@ def run_rounds(strategy: ServerAlgorithm, grid: Grid, cfg: dict, plan: DataPlan,
             row.update(gen)
             with torch.no_grad():
                 row.update(strategy.diagnostics(model, test_x))
-            ev_ok = exchange(rnd, "evaluate", dispatch.evaluate_messages(rnd, arrays))
+            ev_ok = exchange(rnd, "evaluate", dispatch.evaluate_messages(rnd, arrays, received))
             pers, pers_detail = strategy.personalized_metrics(ev_ok, bool(cfg["eval"]["mask_absent_classes"]))
             row.update(pers)
             row["eval/clients"] = len(ev_ok)

@@ -62,6 +62,11 @@ def run_info(run: RunData) -> dict:
     partition = str(p.get("name", ""))
     if "alpha" in p:
         partition += f" α={p['alpha']}"
+    noise = section(part, "label_noise")  # dataset.label_noise: the request, realised and per-client rates
+    if noise.get("rate"):
+        rates = [r for r in noise.get("client_noise_rates") or [] if isinstance(r, int | float)]
+        partition += (f", noise {noise.get('kind')} {noise['rate']:g} (realised {noise.get('realised_rate', 0):.3f}"
+                      + (f", clients {min(rates):.2f}-{max(rates):.2f})" if rates else ")"))
     wall = _number(final.get("time/wall_s") if run.finished else final.get("time/elapsed_s"))
     return {
         "run": run.label,

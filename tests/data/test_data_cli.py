@@ -50,6 +50,7 @@ def test_every_dataset_and_partition_config_composes_and_validates():
     pairs = [(d, "dirichlet") for d in datasets] + [("synthetic_lt", p) for p in partitions]
     for d, p in pairs:
         extra = ["dataset.path=/some/where"] if d == "imagefolder" else []
+        extra += ["dataset.imbalance_factor=1"] if p == "local_lt" else []  # balanced global data, local tails
         cfg = validate(compose_config([f"dataset={d}", f"partition={p}", *extra]))
         assert cfg["dataset"]["name"] == d and cfg["partition"]["name"] == p
 

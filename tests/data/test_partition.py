@@ -50,7 +50,8 @@ from hypothesis import strategies as st  # noqa: E402
 from fedlt.data.partition import PARTITIONERS, dirichlet_balanced, shards  # noqa: E402
 
 ALL = [("dirichlet", {"alpha": 0.3}), ("dirichlet_balanced", {"alpha": 0.3}), ("dirichlet_per_client", {"alpha": 0.3}),
-       ("shards", {"classes_per_client": 2}), ("iid", {})]
+       ("shards", {"classes_per_client": 2}), ("iid", {}), ("local_lt", {}), ("global_local_lt", {}),
+       ("quantity_skew", {})]  # the last three: tests/data/test_regimes.py
 
 
 def test_every_partitioner_is_registered_and_covered():

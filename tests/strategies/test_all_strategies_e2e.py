@@ -17,9 +17,10 @@ NAMES = [s for s in STRATEGIES if s != "fedavg"]  # fedavg: tests/test_cli.py
 TINY = ("experiment=smoke", "num_clients=3", "num_rounds=1", "eval.every=1", "model.width=8", "dataset.n_max=500",
         "backend.num_cpus=1")
 PERSONAL_PREDICTORS = {"fedrod": ("personal", "generic_head"), "fedbabu": ("finetuned", "global"),
-                       "fedetf": ("finetuned", "global"), "creff": ("creff", "fedavg"),
+                       "fedetf": ("finetuned", "global"), "creff": ("creff", "fedavg"), "ccvr": ("ccvr", "fedavg"),
                        "fedloge": ("gla_fr", "phi_plus_psi", "sse_c"), "fedproto": ("proto", "model")}
-GENERIC_PREDICTORS = {"creff": ("creff", "fedavg"), "fedloge": ("psi_realigned", "sse_c", "psi")}
+GENERIC_PREDICTORS = {"creff": ("creff", "fedavg"), "ccvr": ("ccvr", "fedavg"),
+                      "fedloge": ("psi_realigned", "sse_c", "psi")}
 AFTER = {"fedper", "fedrep", "fedbabu", "ditto", "fedrod", "fedetf", "local", "fedloge", "fedbn", "fedproto"}
 NO_GLOBAL_MODEL = {"local", "fedbn", "fedproto"}  # generic accuracy is logged as not applicable (null)
 SPREAD = ("accuracy", "accuracy_weighted", "accuracy_std", "accuracy_min", "accuracy_p10", "balanced_accuracy")
