@@ -419,14 +419,16 @@ def _dp_sgd(cfg: dict, server) -> None:
         why = (f"its local update ({trainer.__name__}.train) is not a single ClientAlgorithm.local_epochs call (extra "
                f"heads, losses or passes over the data), so some of its training would not be DP-SGD")
     elif owner("loss_fn") is not ClientAlgorithm:
-        why = (f"it replaces the client loss ({owner('loss_fn').__name__}.loss_fn), which reads the client's "
-               f"per-class counts: one sample would change every sample's loss")
+        why = (f"it replaces the client loss ({owner('loss_fn').__name__}.loss_fn), which DP-SGD cannot check is "
+               f"a per-sample loss (a loss built on the client's class counts lets one sample change every "
+               f"sample's loss)")
     elif owner("local_epochs") is not ClientAlgorithm:
         why = f"it replaces the local loop itself ({owner('local_epochs').__name__}.local_epochs)"
     if why:
         raise ConfigError(
             f"invalid combination privacy=dp_sgd with strategy={strategy}: {why}. DP-SGD runs with strategies "
-            f"whose clients train with one plain local_epochs call, e.g. fedavg, fedprox, fedavgm, fedadam, fedper; "
+            f"whose clients train with one plain local_epochs call, e.g. fedavg, fedprox, fedavgm, fedadam, fedper, "
+            f"fedbabu; "
             f"use one of those, or client-level DP (privacy=dp_central or dp_local).")
 
 

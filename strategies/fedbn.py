@@ -32,6 +32,7 @@ from torch import nn
 
 from fedlt.api.client import ClientAlgorithm
 from fedlt.api.server import NoParams, ServerAlgorithm
+from fedlt.models.norm import norm_name
 
 LOCAL = "local_bn"  # the module (and state-dict prefix) holding every BatchNorm layer
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -84,7 +85,7 @@ class Server(ServerAlgorithm):
 
     @staticmethod
     def validate_config(cfg: dict) -> None:
-        norm = (cfg.get("model") or {}).get("norm") or "batch"
+        norm = norm_name(cfg.get("model"))
         if norm != "batch":
             from fedlt.config import ConfigError
 

@@ -1,8 +1,8 @@
 """One personalization protocol for every method (``personalization.*``), applied by the client step.
 
 Methods without a personal model of their own (``personalization_stage(cfg) == "before"``: FedAvg, FedProx,
-FedAvgM, FedAdam, FedLC, CReFF, SCAFFOLD, FedDyn, MOON, centralized) get, with ``personalization.finetune_epochs``
-> 0, an extra personalized predictor ``finetuned``: a copy of the received global model fine-tuned on the
+FedAvgM, FedAdam, FedLC, CReFF, CCVR, SCAFFOLD, FedDyn, MOON, FedNH, Fed-GraB, Ratio Loss, centralized, ...) get,
+with ``personalization.finetune_epochs`` > 0, an extra personalized predictor ``finetuned``: a copy of the received global model fine-tuned on the
 client's own training data with the same budget for every method (epochs, SGD lr and momentum, all parameters or
 the head only, plain cross-entropy or the run's loss), logged BESIDE the unchanged model (which stays the primary
 predictor), so a table can show "as trained" and "after the same fine-tuning". Methods with their own

@@ -340,7 +340,7 @@ def summary(split: FederatedSplit, source: SourceArrays, cfg: dict) -> dict:
         "partition": dict(cfg["partition"]), "seed": int(cfg["seed"]),
         "global_class_counts": split.global_counts.tolist(), "train_size": int(split.global_counts.sum()),
         "client_train_sizes": [int(len(t)) for t in split.client_train],
-        "client_num_classes": [int((row > 0).sum()) for row in split.class_counts],
+        "client_num_classes": [int((row > 0).sum()) for row in clean_class_counts(split, source)],
         "client_class_counts": split.class_counts.tolist(),
         "local_test": local,
         "client_test_sizes": [int(len(t)) for t in split.client_test],
@@ -352,7 +352,7 @@ def summary(split: FederatedSplit, source: SourceArrays, cfg: dict) -> dict:
         "shot_group_sizes": {rule: {g: len(v) for g, v in gr.items()} for rule, gr in groups.items()},
         **({"server_data": server_set_summary(split, source)} if len(split.server_indices) else {}),
     }
-    out.update(regime_summary(split, cfg))
+    out.update(regime_summary(split, cfg, source))
     noise = noise_config(d)
     if noise is not None and split.noisy_labels is not None:
         train_y = np.asarray(source.train_y)
@@ -371,14 +371,24 @@ def server_set_summary(split: FederatedSplit, source: SourceArrays) -> dict:
             "size": int(counts.sum()), "drawn_from": SERVER_SET_DRAWN_FROM}
 
 
-def regime_summary(split: FederatedSplit, cfg: dict) -> dict:
+def clean_class_counts(split: FederatedSplit, source: SourceArrays) -> np.ndarray:
+    """clients x classes counts of the clients' TRUE labels (``split.class_counts`` holds the labels they train
+    on, noisy under ``dataset.label_noise``): what the partition itself is."""
+    if split.noisy_labels is None:
+        return split.class_counts
+    train_y = np.asarray(source.train_y)
+    return np.stack([np.bincount(train_y[t].astype(np.int64), minlength=source.num_classes)
+                     for t in split.client_train]) if split.client_train else split.class_counts
+
+
+def regime_summary(split: FederatedSplit, cfg: dict, source: SourceArrays) -> dict:
     """Which global-vs-local long-tail regime the split is (``partition.regime``, also partition.png's title)
-    and each client's realised imbalance factor (largest / smallest non-zero class count of the classes it holds;
-    1 for a client with one class)."""
+    and each client's realised imbalance factor (largest / smallest non-zero class count of the classes it holds,
+    from the true labels; 1 for a client with one class)."""
     from fedlt.data.partition import regime
 
     factors = []
-    for row in split.class_counts:
+    for row in clean_class_counts(split, source):
         held = row[row > 0]
         factors.append(round(float(held.max() / held.min()), 4) if held.size else None)
     used = int(sum(len(t) for t in split.client_train)) + len(getattr(split, "server_indices", ())) + (

@@ -28,9 +28,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedlt.config import param
+from fedlt.eval.groups import shot_groups
+from fedlt.seeding import LABEL_NOISE
 
 KINDS = ("symmetric", "pairflip", "tail_to_head")
-NOISE_STREAM = 0x6E6F6973  # "nois": the label-noise stream of the run seed (distinct from fedlt.seeding's purposes)
 
 
 @dataclass(frozen=True)
@@ -52,15 +53,10 @@ def noise_config(dataset_cfg: dict) -> dict | None:
 
 
 def head_tail(counts: np.ndarray) -> tuple[list[int], list[int]]:
-    """Head and tail classes of per-class ``counts`` under the cumulative 75 % / 95 % rule (the same rule as
-    ``fedlt.eval.groups.shot_groups(counts, "cumulative_75_95")``, written here so the data layer needs no eval)."""
-    counts = np.asarray(counts, dtype=np.float64)
-    k = len(counts)
-    order = np.argsort(-counts, kind="stable")
-    share = np.cumsum(counts[order]) / max(counts.sum(), 1.0)
-    h = min(int(np.searchsorted(share, 0.75)) + 1, k)
-    m = min(int(np.searchsorted(share, 0.95)) + 1, k)
-    return sorted(int(c) for c in order[:h]), sorted(int(c) for c in order[m:])
+    """Head and tail classes of per-class ``counts`` under the cumulative 75 % / 95 % rule (the evaluation's
+    ``cumulative_75_95`` groups; ``fedlt.eval.groups`` is a numpy-only leaf)."""
+    groups = shot_groups(counts, "cumulative_75_95")
+    return sorted(int(c) for c in groups["head"]), sorted(int(c) for c in groups["tail"])
 
 
 def transition_matrix(kind: str, rate: float, num_classes: int, counts: np.ndarray | None = None) -> np.ndarray:
@@ -94,7 +90,7 @@ def flip_labels(labels: list[np.ndarray], num_classes: int, kind: str, rate: flo
     t = transition_matrix(kind, rate, num_classes, counts)
     cum = np.cumsum(t, axis=1)
     cum[:, -1] = 1.0  # guard against rounding: every draw lands in a class
-    rng = np.random.default_rng(np.random.SeedSequence([int(seed), NOISE_STREAM]))
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), LABEL_NOISE]))
     out = []
     for y in labels:
         y = np.asarray(y, dtype=np.int64)

@@ -242,7 +242,7 @@ def personalization_section(what: str, first: list[list], groups: list[RunGroup]
     for f, g in zip(first, groups, strict=True):
         run = g.first
         budget = budget_text(run)
-        mask = "masked" if run.final.get("personalized/mask_absent_classes", True) else "unmasked"
+        mask = "masked" if run.mask_absent_classes else "unmasked"  # as personalized/accuracy (the config)
         shared = budget.startswith("shared")
         shown |= shared
         ft = (lambda k: g.stat(f"personalized/finetuned/{mask}/{k}")) if shared else (lambda k: "–")
@@ -254,8 +254,10 @@ def personalization_section(what: str, first: list[list], groups: list[RunGroup]
         return []
     return ["", "## Personalized: as trained and after the same fine-tuning", "",
             "*as trained*: the primary personal predictor (for methods with a personalization step of their own, "
-            "that step's result; for the others the received global model unchanged). *shared FT*: the same "
-            "fine-tuning for every method without its own step (`personalization.*`), logged beside it as the "
+            "that step's result; for the others the received global model, or the method's primary predictor: "
+            "CCVR's calibrated head, CReFF's re-trained head). *shared FT*: the same fine-tuning for every method "
+            "without its own step (`personalization.*`), a copy of the received global model (for CCVR and CReFF "
+            "the model with its uncalibrated FedAvg head) trained on the client's data, logged beside it as the "
             "`finetuned` predictor. Tail: the `cumulative_75_95` rule.", "",
             markdown_table([what, "pers. stage", "personalization", "pers. acc (as trained)", "pers. acc (shared FT)",
                             "pers. tail (as trained)", "pers. tail (shared FT)"], rows)]

@@ -8,9 +8,13 @@
 * :mod:`fedlt.privacy.accounting` -- (epsilon, delta) from Google's ``dp-accounting`` (RDP or PLD).
 * :mod:`fedlt.privacy.dp_sgd` -- sample-level DP: the DP-SGD local loop every client runs under ``dp_sgd``
   (per-sample gradients with ``torch.func``, clipping, noise, Poisson batches) and its per-client schedule.
+* :mod:`fedlt.privacy.attacks` -- membership-inference scoring (loss / confidence thresholds, AUC, advantage,
+  per class and head/mid/tail); the ``fedlt-attack`` command that loads a run for it is :mod:`fedlt.attack`.
 
 A library module: it imports :mod:`fedlt.config`, :mod:`fedlt.seeding`, Flower's record types, torch and
-dp-accounting, nothing of the core or the algorithms; the core calls it, and strategies never see it. With
+dp-accounting, and (``dp_sgd`` only) the local loop's pieces in :mod:`fedlt.train.local` and
+:mod:`fedlt.data.augment`; nothing of the core or the algorithms: the core calls it, and strategies never see it
+(``ClientAlgorithm.local_epochs`` hands over to ``dp_sgd`` under ``privacy=dp_sgd``). With
 ``privacy=none`` none of it runs (the client step and the round loop only test :func:`enabled`)."""
 
 from fedlt.privacy.params import CENTRAL, DPSGD, LOCAL, MODES, NONE, enabled, mode

@@ -84,6 +84,7 @@ class EpisodicParams:
 
 
 EPISODIC = "episodic"
+EPISODIC_WAYS = EpisodicParams.ways  # the one default of `ways` (a config without the key gets it)
 SAMPLERS: dict[str, type] = {UNIFORM: NoOptions, "ros": ResampleParams, "rus": ResampleParams,
                              "class_balanced": NoOptions, "sqrt": PowerParams, "progressive": NoOptions,
                              EPISODIC: EpisodicParams}
@@ -124,14 +125,15 @@ def sampler_spec(cfg: dict, round: int | None = None) -> SamplerSpec | None:
         progress = min(max((int(round) - 1) / (total - 1), 0.0), 1.0) if total > 1 else 0.0
     options = {k: v for k, v in node.items() if k != "name"}
     if name == EPISODIC:
-        options = {"ways": int(options.get("ways", 4)), "shots": episodic_shots(options, int(cfg["batch_size"]))}
+        options = {"ways": int(options.get("ways", EPISODIC_WAYS)),
+                   "shots": episodic_shots(options, int(cfg["batch_size"]))}
     return SamplerSpec(name, tuple(sorted(options.items())), progress)
 
 
 def episodic_shots(options: dict, batch_size: int) -> int:
     """``shots`` of the episodic sampler (null: batch_size // ways)."""
     shots = options.get("shots")
-    return int(batch_size) // int(options.get("ways", 4)) if shots is None else int(shots)
+    return int(batch_size) // int(options.get("ways", EPISODIC_WAYS)) if shots is None else int(shots)
 
 
 def validate_sampler(cfg: dict) -> None:
@@ -145,7 +147,7 @@ def validate_sampler(cfg: dict) -> None:
     name = check_choice(cfg, "sampler.name", tuple(SAMPLERS))
     check_params(cfg, "sampler", SAMPLERS[name])
     if name == EPISODIC and cfg.get("batch_size") is not None:
-        ways, bs = int(node.get("ways", 4)), int(cfg["batch_size"])
+        ways, bs = int(node.get("ways", EPISODIC_WAYS)), int(cfg["batch_size"])
         shots = episodic_shots(node, bs)
         if shots < 2 or ways * shots > bs:
             raise ConfigError(

@@ -94,7 +94,12 @@ def test_noise_changes_only_the_training_labels_and_keeps_the_clean_ones(tmp_pat
     assert rep["realised_rate"] == pytest.approx(changed / sum(s["client_train_sizes"]))
     assert np.array_equal(np.asarray(rep["transition_counts"]).sum(1), np.sum(s["client_clean_class_counts"], 0))
     assert s["client_clean_class_counts"] == split.class_counts.tolist()
-    assert "label_noise" not in summary(split, source, clean_cfg)
+    # the partition's own description (classes held, imbalance factors) is the clean one: noise moves labels, not
+    # images, so a client holding 2 classes must not look like one holding 10
+    clean_summary = summary(split, source, clean_cfg)
+    for key in ("client_num_classes", "client_imbalance_factors", "regime"):
+        assert s[key] == clean_summary[key], key
+    assert "label_noise" not in clean_summary
 
 
 def test_without_noise_the_split_and_its_cache_key_are_what_they_were(tmp_path):

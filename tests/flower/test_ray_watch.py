@@ -60,6 +60,7 @@ def test_the_watch_reports_a_dying_raylet_once_and_a_stopped_watch_nothing():
         quiet = RayProcessWatch(lambda *a: deaths.append(a), interval_s=0.02).start()
         assert quiet.pids == {"GCS server": gcs.pid}
         quiet.stop()  # what the run does before Ray's own shutdown stops both on purpose
+        assert not quiet._thread.is_alive()  # stopped for good: it cannot report the death below, however late
         gcs.send_signal(signal.SIGKILL)
         zombie(gcs)
         time.sleep(0.1)
