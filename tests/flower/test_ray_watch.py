@@ -15,9 +15,21 @@ from fedlt.flower.ray_backend import RayProcessWatch, how_it_ended
 from fedlt.flower.simulation import backend_died_message
 
 
-def stand_in(argv0: str, script: str = "sleep 60") -> subprocess.Popen:
-    """A child process whose command line starts with ``argv0`` (e.g. ``.../raylet/raylet``)."""
-    return subprocess.Popen(["bash", "-c", f"exec -a {argv0} {script}"])
+def stand_in(argv0: str, script: str = "sleep 60", timeout: float = 30) -> subprocess.Popen:
+    """A child process whose command line starts with ``argv0`` (e.g. ``.../raylet/raylet``), returned once its
+    ``exec`` has happened (on a busy machine bash may not have run it yet when Popen returns)."""
+    p = subprocess.Popen(["bash", "-c", f"exec -a {argv0} {script}"])
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{p.pid}/cmdline", "rb") as f:
+                if f.read().startswith(argv0.encode()):
+                    return p
+        except OSError:
+            pass
+        time.sleep(0.01)
+    p.kill()
+    raise AssertionError(f"the stand-in {argv0} did not start")
 
 
 def zombie(p: subprocess.Popen, timeout: float = 10) -> None:
