@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -42,7 +41,7 @@ from fedlt.data.augment import random_crop_flip
 from fedlt.api.client import ClientAlgorithm, ClientContext
 from fedlt.api.server import ServerAlgorithm
 from fedlt.seeding import derive_seed
-from strategies._common import require_linear_head
+from strategies._common import one_torch_thread, require_linear_head
 
 GRAD = "creff.grad."  # reserved upload keys: weight (K, K, d), bias (K, K), present (K,)
 HEAD = "creff_head."
@@ -226,19 +225,6 @@ class Server(ServerAlgorithm):
     def load_server_state(self, state: dict) -> None:
         if "federated_features" in state:
             self.federated_features = torch.as_tensor(state["federated_features"]).clone()
-
-
-
-@contextmanager
-def one_torch_thread():
-    """The server step is thousands of tiny tensor ops: one thread is fastest, and several threads stall badly
-    on a busy CPU (40 s instead of 1 s for the default re-training on 2 contended cores)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def pop_class_gradients(replies: list[Message]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:

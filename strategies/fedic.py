@@ -69,7 +69,6 @@ only for this round's ensemble).
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -83,6 +82,7 @@ from fedlt.config import ConfigError, param
 from fedlt.data.augment import random_crop_flip
 from fedlt.data.federated import ClientData
 from fedlt.seeding import derive_seed, torch_generator
+from strategies._common import one_torch_thread
 
 FEDIC_STREAM = 0xFED1C  # seed purpose of the server's batches and of the calibration module's initialisation
 FINETUNE, CALIBRATE, DISTILL = 1, 2, 3  # sub-streams of the three stages
@@ -134,18 +134,6 @@ def ensemble_outputs(models: list[nn.Module], x: torch.Tensor) -> tuple[torch.Te
         feats.append(f)
         logits.append(m.head(f))
     return torch.stack(feats), torch.stack(logits)
-
-
-@contextmanager
-def one_torch_thread():
-    """The server step runs while the client actors wait; on a busy CPU several torch threads stall badly (measured
-    on 2 contended cores: 62 s of CPU time for the default step with 2 threads, 9 s with one), as for CReFF."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 class FedICClient(ClientAlgorithm):
