@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 from fedlt.eval.groups import GROUPS, SHOT_RULES
+from fedlt.eval.privacy_report import write_privacy_report
 from fedlt.eval.runs import (  # noqa: F401 -- also re-exported: the report's API
     ReportError, RunData, RunGroup, Stat, _fmt, _number, expand_runs, group_problems, group_runs, load_run,
     unique_labels)
@@ -144,8 +145,10 @@ def write_group_csv(groups: list[RunGroup], labels: list[str], keys: list[str], 
     return path
 
 
-def write_tables(runs: list[RunData], out: Path, groups: list[RunGroup] | None = None) -> tuple[Path, Path, Path]:
-    """report.md, report.csv (a row per run) and report_groups.csv (a row per group of repetitions)."""
+def write_tables(runs: list[RunData], out: Path, groups: list[RunGroup] | None = None,
+                 sections: list[str] | None = None) -> tuple[Path, Path, Path]:
+    """report.md, report.csv (a row per run) and report_groups.csv (a row per group of repetitions); ``sections``:
+    report.md lines placed before the figures (the privacy cost section)."""
     groups = group_runs(runs) if groups is None else groups
     grouped = any(g.n > 1 for g in groups)
     infos = [run_info(r) for r in runs]
@@ -202,6 +205,7 @@ def write_tables(runs: list[RunData], out: Path, groups: list[RunGroup] | None =
         names = [k.split("/")[2] for k in ta_keys]
         lines.append(markdown_table([what] + names, [f + [g.stat(k) for k in ta_keys]
                                                      for f, g in zip(first, rows_of, strict=True)]))
+    lines += sections or []
     problems = [msg for r in runs for msg in r.problems] + group_problems(groups)
     if problems:
         lines += ["", "## Problems found while reading the runs", ""]
@@ -288,7 +292,8 @@ def write_figures(runs: list[RunData], out: Path, groups: list[RunGroup] | None 
 
 def report(run_dirs: list[str], out: str | Path) -> dict:
     """Read the runs, group repetitions (:func:`group_runs`), then write report.md, report.csv,
-    report_groups.csv and the figures to ``out``. Raises ReportError for a path
+    report_groups.csv and the figures to ``out``, and, when runs used DP, the privacy cost tables and figures
+    (:mod:`fedlt.eval.privacy_report`; ``privacy`` in the returned dict, else None). Raises ReportError for a path
     that is not a run, a broken config.yaml or an output folder that cannot be written; what else could not be
     read is in the returned ``problems`` (and in report.md)."""
     paths = expand_runs(run_dirs)
@@ -297,8 +302,9 @@ def report(run_dirs: list[str], out: str | Path) -> dict:
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        md, csv_path, groups_csv = write_tables(runs, out, groups)
-        figures = write_figures(runs, out, groups)
+        privacy = write_privacy_report(runs, out)
+        md, csv_path, groups_csv = write_tables(runs, out, groups, privacy["markdown"] if privacy else None)
+        figures = write_figures(runs, out, groups) + (privacy["figures"] if privacy else [])
         with open(md, "a") as f:
             f.writelines(f"![{p.stem}]({p.name})\n\n" for p in figures)
     except OSError as e:
@@ -311,7 +317,8 @@ def report(run_dirs: list[str], out: str | Path) -> dict:
         raise ReportError(f"cannot write the report to {out}: {what}{where}; choose a writable folder with "
                           f"--out DIR") from e
     return {"markdown": md, "csv": csv_path, "groups_csv": groups_csv, "figures": figures, "groups": groups,
-            "problems": [msg for r in runs for msg in r.problems] + group_problems(groups)}
+            "privacy": privacy, "problems": [msg for r in runs for msg in r.problems] + group_problems(groups)
+            + (privacy["problems"] if privacy else [])}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -333,8 +340,13 @@ def main(argv: list[str] | None = None) -> None:
     groups = written["groups"]
     repeated = sum(g.n > 1 for g in groups)
     note = f" ({repeated} of {len(groups)} configurations repeated over seeds: mean ± std)" if repeated else ""
-    print(f"wrote {written['markdown']}, {written['csv']}, {written['groups_csv']} and {len(written['figures'])} "
+    privacy = written["privacy"]
+    tables = ", ".join(str(p) for p in [written["csv"], written["groups_csv"]] + (privacy["files"] if privacy else []))
+    print(f"wrote {written['markdown']}, {tables} and {len(written['figures'])} "
           f"figures to {Path(args.out).resolve()}{note}")
+    if privacy:  # also in report.md
+        print("\n".join(["privacy cost (DP vs the same runs without DP; drop = no-DP - DP accuracy):"]
+                        + ([privacy["note"]] if privacy["note"] else []) + [privacy["table"]]))
 
 
 if __name__ == "__main__":  # python -m fedlt.eval.report: run the imported module, whose classes plots.py shares
