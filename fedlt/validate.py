@@ -15,7 +15,7 @@ import os
 
 from fedlt.api.server import ServerAlgorithm
 from fedlt.config import (ConfigError, check_bool, check_choice, check_float, check_int, check_params,
-                          clients_per_round, fail, get)
+                          clients_per_round, fail, get, param_defaults)
 from fedlt.core.cohort import check_supported
 from fedlt.core.personalize import PersonalizationParams
 from fedlt.core.faults import FAULT_MODES, FAULT_PHASES, fault_modes
@@ -29,7 +29,9 @@ from fedlt.eval.posthoc import PosthocParams
 from fedlt.flower.ray_backend import address_problem
 from fedlt.models import HEADS, MODELS, NORMS
 from fedlt.privacy import CENTRAL, DPSGD, MODES as PRIVACY_MODES, NONE
+from fedlt.privacy.params import SecAggParams
 from fedlt.train.decoupled import DecoupledParams, model_check
+from fedlt.train.feature_smote import FeatureSmoteParams
 from fedlt.train.losses import validate_loss
 from fedlt.train.samplers import validate_sampler
 import strategies
@@ -41,7 +43,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 TOP_LEVEL = ("seed", "num_clients", "num_rounds", "participation", "local_epochs", "batch_size", "optimizer", "eval",
              "checkpoint", "resume", "fault_injection", "data_root", "cache_dir", "log_level", "dataset",
              "partition", "model", "strategy", "loss", "sampler", "backend", "privacy", "personalization",
-             "server_data")
+             "server_data", "feature_smote")
 SECTIONS = {
     "optimizer": ("lr", "momentum", "weight_decay"),
     "eval": ("every", "batch_size", "mask_absent_classes", "local_test", "holdout_fraction", "test_agnostic",
@@ -95,6 +97,7 @@ def validate(cfg: dict) -> dict:
     check_params(cfg, "strategy", server.params)
     server.validate_config(cfg)  # cross-option rules of the strategy (e.g. FedLoGe needs loss=ce)
     _decoupled(cfg, server)
+    _feature_smote(cfg, server)
     if cfg["backend"].get("client_batching"):
         check_supported(cfg, server)
     _privacy(cfg, server)
@@ -200,6 +203,18 @@ def _decoupled(cfg: dict, server) -> None:
     client model has none (checked on a tiny model of the same structure)."""
     if not ((cfg["eval"].get("decoupled") or {}).get("enabled")):
         return
+    problem = _linear_head_problem(cfg, server)
+    if problem:
+        head = cfg["model"].get("head")
+        raise ConfigError(
+            f"invalid combination eval.decoupled.enabled=true with strategy={cfg['strategy']['name']}"
+            f"{' and model.head=' + str(head) if head not in (None, 'linear') else ''}: {problem}. cRT/LWS/feature SMOTE need a backbone followed by a linear head (e.g. fedavg, fedprox, "
+            f"fedper, fedrep, fedrod, creff, moon, with model.head=linear); use eval.decoupled.enabled=false.")
+
+
+def _linear_head_problem(cfg: dict, server, trained_head: bool = False) -> str:
+    """Why the strategy's client model is not a backbone ``features(x)`` followed by a plain linear ``head``
+    (``trained_head``: that the client trains) ("" = it is), checked on a tiny model of the same structure."""
     import torch
 
     from fedlt.models import build_model
@@ -210,14 +225,53 @@ def _decoupled(cfg: dict, server) -> None:
     try:
         model = server.client_cls.build_model(build_model(probe_cfg, 1, 3), cfg)
         problem = model_check(model, (1, 16, 16))
+        if not problem and trained_head and not any(q.requires_grad for q in model.head.parameters()):
+            problem = "its head is frozen on the clients, so SMOTE features in the head's loss would train nothing"
+        return problem
     finally:
         torch.random.set_rng_state(torch_state)
-    if problem:
+
+
+def _feature_smote(cfg: dict, server) -> None:
+    """``feature_smote`` (fedlt.train.feature_smote): SMOTE features in the head's loss of the one local step, so
+    the strategy's local update must be one ``ClientAlgorithm.local_epochs`` call on a backbone + linear head."""
+    if cfg.get("feature_smote") is None:  # a run directory written before the option existed: off
+        return
+    p = check_params(cfg, "feature_smote", FeatureSmoteParams, ignore=())
+    if p.ratio is None:
+        return
+    combo = f"invalid combination feature_smote.ratio={p.ratio} with"
+    privacy = (cfg.get("privacy") or {}).get("name", NONE)
+    if privacy == DPSGD:
+        raise ConfigError(
+            f"{combo} privacy=dp_sgd: a SMOTE feature interpolates between two training samples, so the loss has "
+            f"no per-sample terms that DP-SGD could clip; use feature_smote.ratio=null, or client-level DP "
+            f"(privacy=dp_central or dp_local).")
+    if cfg["backend"].get("client_batching"):
+        raise ConfigError(
+            f"{combo} backend.client_batching=true: the vectorised cohort trainer runs its own step, without the "
+            f"SMOTE step; set backend.client_batching=false or feature_smote.ratio=null.")
+    from fedlt.api.client import ClientAlgorithm
+
+    client = server.client_cls
+    trainer = next(c for c in client.__mro__ if "train" in vars(c))
+    looper = next(c for c in client.__mro__ if "local_epochs" in vars(c))
+    why = ""
+    if not vars(trainer).get("dp_sgd_ready", False):
+        why = (f"its local update ({trainer.__name__}.train) is not a single ClientAlgorithm.local_epochs call (its "
+               f"own step, extra heads or passes), so the SMOTE step would not be (all of) its training")
+    elif looper is not ClientAlgorithm:
+        why = f"it replaces the local loop itself ({looper.__name__}.local_epochs)"
+    else:
+        why = _linear_head_problem(cfg, server, trained_head=True)
+    if why:
         head = cfg["model"].get("head")
         raise ConfigError(
-            f"invalid combination eval.decoupled.enabled=true with strategy={cfg['strategy']['name']}"
-            f"{' and model.head=' + str(head) if head not in (None, 'linear') else ''}: {problem}. cRT/LWS/feature SMOTE need a backbone followed by a linear head (e.g. fedavg, fedprox, "
-            f"fedper, fedrep, fedrod, creff, moon, with model.head=linear); use eval.decoupled.enabled=false.")
+            f"{combo} strategy={cfg['strategy']['name']}"
+            f"{' and model.head=' + str(head) if head not in (None, 'linear') else ''}: {why}. Feature SMOTE runs "
+            f"with strategies whose clients train a backbone + linear head with one plain local_epochs call, e.g. "
+            f"fedavg, fedprox, fedavgm, fedadam, fedlc, ccvr, fedper, ratioloss, fedic (model.head=linear); use "
+            f"one of those, or feature_smote.ratio=null.")
 
 
 def _model(cfg: dict) -> None:
@@ -347,7 +401,12 @@ def _privacy(cfg: dict, server) -> None:
         return
     check_choice(cfg, "privacy.name", tuple(PRIVACY_MODES))
     name = cfg["privacy"]["name"]
-    check_params(cfg, "privacy", PRIVACY_MODES[name])
+    if "secagg" not in cfg["privacy"]:  # a run directory written before privacy.secagg existed: off
+        check_params({"privacy": {**param_defaults(SecAggParams), **cfg["privacy"]}}, "privacy", PRIVACY_MODES[name])
+    else:
+        check_params(cfg, "privacy", PRIVACY_MODES[name])
+    if cfg["privacy"].get("secagg"):
+        _secagg(cfg, server)
     if name == NONE:
         return
     combo = f"invalid combination privacy={name} with strategy={cfg['strategy']['name']}"
@@ -374,6 +433,47 @@ def _privacy(cfg: dict, server) -> None:
         _central_dp(cfg)
     elif name == DPSGD:
         _dp_sgd(cfg, server)
+
+
+def _secagg(cfg: dict, server) -> None:
+    """Secure aggregation (:mod:`fedlt.privacy.secagg`): the server learns only the sample-weighted mean of the
+    clients' model arrays, so the strategy must need nothing else from a round (``secagg_ready``, declared in its
+    own ``Server`` class), and every round needs at least 2 clients whose sum fits the modulus."""
+    from fedlt.privacy.secagg import MODULUS
+
+    p = cfg["privacy"]
+    combo = "invalid combination privacy.secagg=true with"
+    client = server.client_cls
+    ready = ("fedavg, fedprox, fedavgm, fedadam, fedbabu, fedbn, fedetf, fedlc, fedloge, fedper, fedrep, fedrod, "
+             "ditto, moon")
+    why = ""
+    if not vars(server).get("secagg_ready", False):
+        why = (f"strategy={cfg['strategy']['name']}: its server needs more than the sample-weighted mean of the "
+               f"clients' model arrays (individual replies, extra uploads, its own client choice, or no shared "
+               f"arrays), and secure aggregation reveals only that mean. It runs with strategies whose aggregate "
+               f"is that mean: {ready}; use one of those")
+    elif client.extra_uploads or client.uses_eval_uploads():
+        why = (f"strategy={cfg['strategy']['name']}: its clients upload "
+               f"{client.extra_uploads or 'eval_uploads statistics'} besides the model arrays, which the secure sum "
+               f"does not cover; use one of {ready}")
+    elif cfg["backend"].get("client_batching"):
+        why = ("backend.client_batching=true: a cohort reply is already an average, not one client's masked "
+               "update; set backend.client_batching=false")
+    elif p.get("batchnorm_stats", "clip") == "unprotected":
+        why = ("privacy.batchnorm_stats=unprotected: it averages BatchNorm statistics in the clear, outside the "
+               "secure sum; use privacy.batchnorm_stats=clip")
+    if why:
+        raise ConfigError(f"{combo} {why}, or privacy.secagg=false.")
+    m = clients_per_round(int(cfg["num_clients"]), cfg["participation"])
+    if m < 2:
+        raise ConfigError(
+            f"{combo} num_clients={cfg['num_clients']} and participation={cfg['participation']}: {m} client per "
+            f"round, and a secure sum of one client is that client's update; sample at least 2 clients per round.")
+    if m * int(p["secagg_quantization_range"]) >= MODULUS:
+        raise ConfigError(
+            f"{combo} privacy.secagg_quantization_range={p['secagg_quantization_range']} and {m} clients per round: "
+            f"their quantized sum would overflow the modulus 2^32; use a quantization range below "
+            f"{MODULUS // m} (e.g. {2 ** ((MODULUS // m - 1).bit_length() - 1)}).")
 
 
 # losses that are a mean of per-sample terms and read nothing of the client's data but the sample itself

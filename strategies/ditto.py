@@ -64,3 +64,4 @@ class Params:
 class Server(ServerAlgorithm):
     client_cls = DittoClient
     params = Params
+    secagg_ready = True  # the aggregate is the plain sample-weighted mean (privacy.secagg)

@@ -22,3 +22,4 @@ class FedAvgClient(ClientAlgorithm):
 class Server(ServerAlgorithm):
     client_cls = FedAvgClient
     params = FedAvgParams
+    secagg_ready = True  # the aggregate is the plain sample-weighted mean (privacy.secagg)

@@ -24,6 +24,7 @@ class Params(FedAvgParams):
 
 class Server(ServerOptimizer):
     params = Params
+    secagg_ready = True  # its server step needs only the sample-weighted mean (privacy.secagg)
 
     def __init__(self, cfg: dict):
         super().__init__(cfg)

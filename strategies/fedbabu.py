@@ -79,3 +79,4 @@ class Params:
 class Server(ServerAlgorithm):
     client_cls = FedBABUClient
     params = Params
+    secagg_ready = True  # the aggregate is the plain sample-weighted mean (privacy.secagg)

@@ -82,6 +82,7 @@ class FedBNClient(ClientAlgorithm):
 class Server(ServerAlgorithm):
     client_cls = FedBNClient
     params = NoParams
+    secagg_ready = True  # the aggregate is the plain sample-weighted mean (privacy.secagg)
 
     @staticmethod
     def validate_config(cfg: dict) -> None:

@@ -163,6 +163,7 @@ class Params:
 class Server(ServerAlgorithm):
     client_cls = FedETFClient
     params = Params
+    secagg_ready = True  # the aggregate is the plain sample-weighted mean (privacy.secagg)
 
     @staticmethod
     def validate_config(cfg: dict) -> None:

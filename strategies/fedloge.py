@@ -339,6 +339,7 @@ class Server(ServerAlgorithm):
 
     client_cls = FedLoGeClient
     params = Params
+    secagg_ready = True  # the aggregate is the plain sample-weighted mean (privacy.secagg)
 
     def frozen_arrays(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Build the SSE-C once, seeded by the run seed (the refinement runs before round 1)."""

@@ -44,6 +44,7 @@ class FedPerClient(ClientAlgorithm):
 class Server(ServerAlgorithm):
     client_cls = FedPerClient
     params = NoParams
+    secagg_ready = True  # the aggregate is the plain sample-weighted mean (privacy.secagg)
 
     def generic_predictors(self, model: nn.Module):
         model.eval()

@@ -35,3 +35,4 @@ class Params(FedAvgParams):
 class Server(FedAvgServer):
     client_cls = FedProxClient
     params = Params
+    secagg_ready = True  # the aggregate is the plain sample-weighted mean (privacy.secagg)

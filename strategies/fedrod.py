@@ -71,6 +71,7 @@ class FedRoDClient(ClientAlgorithm):
 class Server(ServerAlgorithm):
     client_cls = FedRoDClient
     params = NoParams
+    secagg_ready = True  # the aggregate is the plain sample-weighted mean (privacy.secagg)
 
     @staticmethod
     def validate_config(cfg: dict) -> None:

@@ -131,3 +131,4 @@ class Params(FedAvgParams):
 class Server(FedAvgServer):
     client_cls = MOONClient
     params = Params
+    secagg_ready = True  # the aggregate is the plain sample-weighted mean (privacy.secagg)

@@ -86,6 +86,7 @@ CASES = [
     ("model-head", ["model.head=foo"], "model.head='foo'"),
     ("model-norm", ["model.norm=layer"], "model.norm='layer'"),
     ("dp-sgd-batchnorm", ["privacy=dp_sgd"], "privacy=dp_sgd with model.norm=batch"),
+    ("secagg-strategy", ["privacy.secagg=true", "strategy=scaffold"], "privacy.secagg=true with strategy=scaffold"),
     ("local-epochs-0", ["local_epochs=0"], "local_epochs=0"),
     ("server-threads-0", ["backend.server_threads=0"], "backend.server_threads=0"),
     ("round-timeout-tiny", ["backend.round_timeout_s=0.001"], "backend.round_timeout_s=0.001"),
@@ -102,6 +103,8 @@ CASES = [
     ("decoupled-no-linear-head", ["strategy=fedloge", "eval.decoupled.enabled=true"],
      "eval.decoupled.enabled=true with strategy=fedloge"),
     ("smote-without-decoupled", ["eval.decoupled.smote_ratio=0.5"], "eval.decoupled.smote_ratio=0.5"),
+    ("feature-smote-strategy", ["feature_smote.ratio=1.0", "strategy=scaffold"],
+     "feature_smote.ratio=1.0 with strategy=scaffold"),
 ]
 if torch.cuda.device_count() == 0:
     CASES.append(("gpu-without-gpu", ["backend.num_gpus_per_client=1"], "backend.num_gpus_per_client=1"))

@@ -26,6 +26,7 @@ from torch import nn
 from fedlt.data.federated import ClientData
 from fedlt.privacy.params import DPSGD
 from fedlt.privacy.params import mode as privacy_mode
+from fedlt.train import feature_smote
 from fedlt.train.local import run_local_epochs, sgd, supervised_step
 from fedlt.train.losses import build_loss
 
@@ -75,7 +76,8 @@ class ClientAlgorithm:
       * ``dp_sgd_ready`` -- sample-level DP (``privacy=dp_sgd``) replaces ``local_epochs`` by DP-SGD
         (:mod:`fedlt.privacy.dp_sgd`). A class that overrides ``train`` sets ``dp_sgd_ready = True`` in its own
         body only when its whole local update is ONE ``local_epochs`` call of the run's ``local_epochs`` epochs
-        (plus, at most, a data-independent ``extra`` term); otherwise ``dp_sgd`` is refused for it.
+        (plus, at most, a data-independent ``extra`` term); otherwise ``dp_sgd`` is refused for it (and so is
+        ``feature_smote``, which lives in that one call's step).
       * ``eval_uploads(ctx) -> {key: tensor}`` -- statistics of the received global model on the client's data,
         asked of EVERY client (sampled or not) at each evaluation round, before the server scores anything (e.g.
         CCVR's per-class feature means / covariances / counts). Overriding it makes the core run one extra
@@ -126,13 +128,17 @@ class ClientAlgorithm:
 
     def local_epochs(self, ctx: ClientContext, model: nn.Module, params, extra=None, epochs=None) -> dict:
         """Plain supervised local SGD on ``params`` of ``model`` with the run's optimizer settings (under
-        ``privacy=dp_sgd``: DP-SGD, :func:`fedlt.privacy.dp_sgd.train_epochs`)."""
+        ``privacy=dp_sgd``: DP-SGD, :func:`fedlt.privacy.dp_sgd.train_epochs`; with ``feature_smote.ratio`` set:
+        the head's loss over each batch plus SMOTE features of its tail classes, :mod:`fedlt.train.feature_smote`)."""
         if privacy_mode(ctx.cfg) == DPSGD:
             from fedlt.privacy.dp_sgd import train_epochs
 
             return train_epochs(ctx, model, list(params), self.loss_fn(ctx), extra, epochs)
         opt = sgd(params, ctx.cfg["optimizer"])
-        step = supervised_step(model, opt, self.loss_fn(ctx), extra)
+        smote = feature_smote.options(ctx.cfg)  # feature_smote.ratio: SMOTE features in the head's loss
+        step = (supervised_step(model, opt, self.loss_fn(ctx), extra) if smote is None else
+                feature_smote.smote_step(model, opt, self.loss_fn(ctx), ctx.data.train_counts, smote,
+                                         feature_smote.generator(ctx.cfg, ctx.round, ctx.data.client_id), extra))
         return run_local_epochs(ctx.data, int(ctx.cfg["local_epochs"] if epochs is None else epochs),
                                 int(ctx.cfg["batch_size"]), ctx.generator, step, ctx.device)
 

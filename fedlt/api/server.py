@@ -28,6 +28,9 @@ Hooks (override in ``strategies/<name>.py``, class ``Server``):
   (``generic_metrics`` adds the ``eval.posthoc`` predictors after them, for every strategy).
 * ``diagnostics(model, x)`` -- extra scalars about the global model, logged with every evaluation.
 * ``server_state()`` / ``load_server_state(state)`` -- strategy state that checkpoints must carry.
+* ``secagg_ready`` -- set ``True`` in the strategy's OWN ``Server`` body (not inherited) when a round needs nothing
+  from the clients but the sample-weighted mean of their model arrays (``aggregate`` / ``after_aggregate`` see one
+  reply holding it; no individual replies, uploads or client choice): ``privacy.secagg`` refuses the others.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from fedlt.eval.generic import GenericEvaluation
 from fedlt.eval.personalized import personalized_metrics
 from fedlt.eval.predict import predict_logits
 from fedlt.seeding import SAMPLE, numpy_rng
+from fedlt.train import decoupled
 
 NUM_EXAMPLES = "num-examples"  # the reply metric every aggregation weights by
 
@@ -61,6 +65,7 @@ class ServerAlgorithm:
 
     client_cls: type[ClientAlgorithm] = ClientAlgorithm
     params: type = NoParams  # a dataclass of fedlt.config.param fields
+    secagg_ready: bool = False  # read from the strategy's own Server class only (fedlt.validate; see above)
 
     def __init__(self, cfg: dict):
         self.cfg = cfg
@@ -179,3 +184,33 @@ class ServerAlgorithm:
                     yield name, predict_logits(fn, x, batch_size)
 
         return evaluation.evaluate(logits(), several=len(predictors) > 1)
+
+    @staticmethod
+    def decoupled_heads(replies: list[Message]) -> dict[str, torch.Tensor]:
+        """``eval.decoupled``'s generic cRT/LWS: the n_k-weighted mean of the heads and scales in the clients'
+        evaluate replies (n_k: the client's training size; fedlt.train.decoupled.average_heads); {} for none."""
+        uploads = []
+        for r in replies:
+            rec = r.content.array_records.get("arrays")
+            if rec is None or not all(k in rec for k in decoupled.GENERIC_KEYS):
+                continue
+            n_k = float(sum(next(iter(r.content.metric_records.values()))["train-total"]))
+            uploads.append(({k: torch.from_numpy(np.array(rec[k].numpy())) for k in decoupled.GENERIC_KEYS}, n_k))
+        return decoupled.average_heads(uploads)
+
+    def decoupled_metrics(self, model: torch.nn.Module, replies: list[Message], x: torch.Tensor, y: torch.Tensor,
+                          batch_size: int, evaluation: GenericEvaluation) -> tuple[dict, dict]:
+        """The generic (federated) ``crt`` and ``lws`` predictors (fedlt.train.decoupled) on the balanced test set,
+        from the clients' evaluate replies: ``generic/crt/<metric>``, ``generic/lws/<metric>`` beside the
+        strategy's own generic predictors (whose keys are untouched); ({}, {}) when no reply carries them."""
+        heads = self.decoupled_heads(replies)
+        if not heads:
+            return {}, {}
+        model.eval()
+
+        def logits():
+            for name, fn in decoupled.generic_predictors(model, heads).items():
+                with torch.no_grad():
+                    yield name, predict_logits(fn, x, batch_size)
+
+        return evaluation.evaluate(logits(), several=True, primary=False)

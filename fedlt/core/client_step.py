@@ -8,7 +8,9 @@ Per process (one Ray actor serves many clients) a :class:`ClientRuntime` is buil
 algorithm's client object, one model with its pristine initial weights, and the memory-mapped dataset. Per
 message: reset the model to its initial weights, load frozen -> global -> personal state, call the algorithm,
 send back only the shared arrays (:meth:`ClientAlgorithm.is_shared`); personal state goes back to the server in
-the reply (simulation, see :mod:`fedlt.core.client_state`) or stays in ``context.state``.
+the reply (simulation, see :mod:`fedlt.core.client_state`) or stays in ``context.state``. With ``privacy.secagg``
+the train reply carries only the masked, quantized update instead, and ``train.secagg`` messages run the other
+SecAgg+ stages (:mod:`fedlt.privacy.secagg`; the client's secrets stay in ``context.state``).
 """
 
 from __future__ import annotations
@@ -37,15 +39,17 @@ from fedlt.eval.predict import absent_class_mask, apply_mask, local_eval_record,
 from fedlt.privacy import DPSGD
 from fedlt.privacy import enabled as privacy_enabled
 from fedlt.privacy import mode as privacy_mode
-from fedlt.privacy.clipping import WITHHELD, protect_update
+from fedlt.privacy import secagg
+from fedlt.privacy.clipping import UNCLIPPED, WITHHELD, protect_update
 from fedlt.seeding import EVAL, INIT, TRAIN, derive_seed, torch_generator
-from fedlt.train.decoupled import decoupled_predictors
+from fedlt.train.decoupled import decoupled_predictors, generic_uploads
 from fedlt.train.samplers import sampler_spec
 
 FROZEN = "fedlt.frozen"  # context.state record holding the frozen arrays a client received once
 COHORT = "cohort"  # message type suffix of client batching: "train.cohort"
 RECEIVED = "fedlt.received"  # message record of ServerAlgorithm.round_arrays (the client's ctx.received)
 EVAL_UPLOADS = "eval-uploads"  # evaluate-message config flag: reply with ClientAlgorithm.eval_uploads, score nothing
+DECOUPLED_GENERIC = "decoupled-generic"  # evaluate-message config flag: also reply with the generic cRT/LWS heads
 
 
 # ------------------------------------------------------------------------------------ torch settings
@@ -227,6 +231,10 @@ def train(rt: ClientRuntime, msg: Message, context: Context) -> Message:
         for v in shared.values():
             if v.is_floating_point():
                 v.fill_(math.nan)
+    if secagg.SECAGG in msg.content:  # secure aggregation: only the masked, quantized update leaves the client
+        shared = {secagg.MASKED: torch.from_numpy(secagg.masked_upload(
+            context.state, msg.content[secagg.SECAGG], msg.content["arrays"], shared, ctx.data.num_train,
+            protected.pop(UNCLIPPED, None), int(rt.cfg["seed"]), ctx.data.client_id))}
     personal = {k: v.detach().cpu().clone() for k, v in sd.items() if algo.is_personal(k)}
     record = {k: float(v) for k, v in metrics.items()}
     record.update({"num-examples": ctx.data.num_train, "client-id": ctx.data.client_id, **protected})
@@ -246,6 +254,10 @@ def evaluate(rt: ClientRuntime, msg: Message, context: Context) -> Message:
     if msg.content["config"].get(EVAL_UPLOADS):
         return eval_uploads(rt, ctx, msg)
     data = ctx.data
+    content = RecordDict()
+    if msg.content["config"].get(DECOUPLED_GENERIC):  # eval.decoupled's generic cRT/LWS, from the global model
+        heads = generic_uploads(ctx.model, data, rt.cfg, ctx.round, rt.device)  # before any predictor runs
+        content["arrays"] = ArrayRecord({k: v.detach().cpu().clone() for k, v in heads.items()})
     mask = absent_class_mask(data.test_counts)
     record: dict = {"num-examples": int(data.test_y.numel()), "client-id": data.client_id,
                     "total": data.test_counts.tolist(), "train-total": data.train_counts.tolist()}
@@ -254,7 +266,8 @@ def evaluate(rt: ClientRuntime, msg: Message, context: Context) -> Message:
         logits = predict_logits(fn, data.test_x, batch, rt.device)
         for variant, lg in (("unmasked", logits), ("masked", apply_mask(logits, mask))):
             record.update(local_eval_record(lg, data.test_y, rt.plan.num_classes, f"{name}/{variant}"))
-    return Message(RecordDict({"metrics": MetricRecord(record)}), reply_to=msg)
+    content["metrics"] = MetricRecord(record)
+    return Message(content, reply_to=msg)
 
 
 def eval_uploads(rt: ClientRuntime, ctx: ClientContext, msg: Message) -> Message:
@@ -299,6 +312,13 @@ def train_cohort_message(rt: ClientRuntime, msg: Message, context: Context) -> M
     return Message(RecordDict({"arrays": ArrayRecord(avg), "metrics": MetricRecord(record)}), reply_to=msg)
 
 
+def secagg_stage(msg: Message, context: Context) -> Message:
+    """A secure-aggregation stage other than training (setup, share keys, unmask; :mod:`fedlt.privacy.secagg`):
+    the client's secrets stay in its ``context.state``."""
+    cid = int(context.node_config["partition-id"])
+    return Message(secagg.client_stage(msg.content, context.state, cid), reply_to=msg)
+
+
 def query(msg: Message, context: Context) -> Message:
     """Which client this node is (the server samples by client id, not node id)."""
     cid = int(context.node_config["partition-id"])
@@ -314,6 +334,8 @@ def handle(rt: ClientRuntime, msg: Message, context: Context) -> Message:
         return train(rt, msg, context)
     if kind == f"{MessageType.TRAIN}.{COHORT}":
         return train_cohort_message(rt, msg, context)
+    if kind == secagg.STAGE_MESSAGE:
+        return secagg_stage(msg, context)
     if kind == MessageType.EVALUATE:
         return evaluate(rt, msg, context)
     raise ValueError(f"fedlt client: unknown message type {kind!r}")

@@ -3,8 +3,8 @@ goes on) from a dead backend (the run stops with a clear error instead of runnin
 
 Every failure record (``failures`` in metrics.jsonl rows, results.json and checkpoints) is
 ``{"client", "round", "phase", "kind", "reason"}``: ``kind`` is ``error`` (the client raised), ``actor-died``
-(its actor process died), ``non-finite`` (NaN/inf update, rejected) or ``timeout`` (no reply within
-``backend.round_timeout_s``), and ``reason`` is one sentence naming the client, round, phase and the error's type
+(its actor process died), ``non-finite`` (NaN/inf update, rejected), ``timeout`` (no reply within
+``backend.round_timeout_s``) or ``aborted`` (a whole round, client -1: secure aggregation below its threshold), and ``reason`` is one sentence naming the client, round, phase and the error's type
 and first line, e.g. ``client 3 failed in round 2 (train): RuntimeError: CUDA out of memory.`` -- never a piece of
 a traceback. Flower hands the server a ClientApp's exception as ``<class '...'>:<'...'>`` around the whole Ray
 traceback; :func:`error_of` finds the original exception in it."""
@@ -28,7 +28,7 @@ _EXC_LINE = re.compile(r"^([A-Za-z_][\w.]*)(?::[ \t]?(.*))?$")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _CLAUSE_END = re.compile(r"[.;:,!?](?=\s)")
 DIED = "its actor process died"
-ERROR, ACTOR_DIED, NON_FINITE, TIMEOUT = "error", "actor-died", "non-finite", "timeout"
+ERROR, ACTOR_DIED, NON_FINITE, TIMEOUT, ABORTED = "error", "actor-died", "non-finite", "timeout", "aborted"
 REASON_LIMIT = 400  # characters of an error message kept in a failure's reason (the log has all of it)
 
 
@@ -99,6 +99,13 @@ def failure(client: int, rnd: int, phase: str, kind: str, what: str) -> dict:
 
     log.warning("%s", sentence(" ".join(what.split())))
     return {"client": client, "round": rnd, "phase": phase, "kind": kind, "reason": sentence(clip(what))}
+
+
+def round_failure(rnd: int, phase: str, what: str) -> dict:
+    """The failure record of a whole round (no one client to name; ``client`` -1): "round R failed (phase): what." """
+    reason = f"round {rnd} failed ({phase}): {' '.join(what.split()).rstrip('.')}."
+    log.warning("%s", reason)
+    return {"client": -1, "round": rnd, "phase": phase, "kind": ABORTED, "reason": clip(reason)}
 
 
 def error_failure(client: int, rnd: int, phase: str, reason: str) -> dict:

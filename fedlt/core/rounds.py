@@ -10,6 +10,8 @@ fixed summation order makes the average bitwise reproducible). On evaluation rou
 on the balanced test set here, and EVERY client scores its personalized predictors on its local test set;
 algorithms whose clients override ``eval_uploads`` (CCVR) first get one more evaluate exchange in which every
 client sends statistics of that global model (``ServerAlgorithm.after_eval_uploads``), before anything is scored.
+With ``privacy.secagg`` the train exchange is SecAgg+ (:class:`fedlt.privacy.secagg.SecAggServer`: setup, share
+keys, train with masked uploads, unmask) and the strategy aggregates one reply holding the unmasked mean.
 """
 
 from __future__ import annotations
@@ -27,16 +29,19 @@ from flwr.serverapp import Grid
 from fedlt.api.server import NUM_EXAMPLES, ServerAlgorithm
 from fedlt.core.checkpoint import Checkpointer, RunState, rng_state, seed_round, set_rng_state
 from fedlt.core.client_state import ClientStateStore
-from fedlt.core.client_step import COHORT, EVAL_UPLOADS, RECEIVED
+from fedlt.core.client_step import COHORT, DECOUPLED_GENERIC, EVAL_UPLOADS, RECEIVED
 from fedlt.core.cohort import cohorts
-from fedlt.core.failures import NON_FINITE, TIMEOUT, check_actors_alive, error_failure, failure, is_backend_failure
+from fedlt.core.failures import (NON_FINITE, TIMEOUT, check_actors_alive, error_failure, failure, is_backend_failure,
+                                 round_failure)
 from fedlt.core.model import build_run_model
 from fedlt.data.federated import DataPlan, global_test, open_plan, server_data
 from fedlt.eval.generic import GenericEvaluation
 from fedlt.privacy import CENTRAL
 from fedlt.privacy import enabled as privacy_enabled
+from fedlt.privacy import secagg_enabled
 from fedlt.runlog import RunLogger, json_safe
 from fedlt.seeding import INIT, derive_seed
+from fedlt.train import decoupled
 
 log = logging.getLogger("fedlt")
 
@@ -131,10 +136,12 @@ class Dispatch:
         return out
 
     def evaluate_messages(self, rnd: int, arrays: ArrayRecord, received: dict | None = None,
-                          uploads: bool = False) -> list[Message]:
+                          uploads: bool = False, decoupled_generic: bool = False) -> list[Message]:
         """One evaluate message per client; ``received``: extra arrays for the clients' ``ctx.received``
-        (``after_eval_uploads``); ``uploads``: the eval-uploads pass (clients reply with ``eval_uploads``)."""
-        config = {"server-round": rnd, **({EVAL_UPLOADS: True} if uploads else {})}
+        (``after_eval_uploads``); ``uploads``: the eval-uploads pass (clients reply with ``eval_uploads``);
+        ``decoupled_generic``: clients also reply with their generic cRT/LWS heads (``eval.decoupled``)."""
+        config = {"server-round": rnd, **({EVAL_UPLOADS: True} if uploads else {}),
+                  **({DECOUPLED_GENERIC: True} if decoupled_generic else {})}
         return [self.message(c, arrays, config, MessageType.EVALUATE, received)
                 for c in sorted(self.node_of_client)]
 
@@ -194,11 +201,23 @@ def run_rounds(strategy: ServerAlgorithm, grid: Grid, cfg: dict, plan: DataPlan,
                              buffers={k for k, _ in model.named_buffers()},
                              train_sizes=[len(t) for t in open_plan(plan)[1].client_train])  # dp_sgd's q_k
         dispatch.privacy = privacy
+    secure = None
+    if secagg_enabled(cfg):  # privacy.secagg: SecAgg+ replaces the plain train exchange (fedlt.privacy.secagg)
+        from fedlt.privacy.secagg import SecAggServer
+
+        secure = SecAggServer(cfg, max(len(t) for t in open_plan(plan)[1].client_train))
+    central = privacy is not None and privacy.mode == CENTRAL
     for r in range(1, start + 1):  # sampling is a pure function of (seed, round)
         dispatch.ever_sampled.update(strategy.sample_clients(r) if privacy is None
                                      else privacy.clients(r, strategy.sample_clients))
     test_x, test_y = global_test(plan)
     generic_eval = GenericEvaluation.for_run(cfg, plan, test_y)
+    decoupled_generic = False  # eval.decoupled: generic (federated) cRT/LWS from the clients' evaluate replies
+    if decoupled.options(cfg) is not None:
+        why = decoupled.generic_problem(cfg, model, strategy.client_cls.is_personal, test_x)
+        if why:
+            log.warning("eval.decoupled: this run logs no generic crt/lws predictors: %s", why)
+        decoupled_generic = not why
     startup_timeout = float(cfg["backend"].get("startup_timeout_s") or timeout)
     dispatch.discover(grid, startup_timeout)
     min_clients = int(cfg["backend"].get("min_clients_per_round", 1))
@@ -223,15 +242,26 @@ def run_rounds(strategy: ServerAlgorithm, grid: Grid, cfg: dict, plan: DataPlan,
         t0 = time.monotonic()
         failures_before = len(outcome.failures)
         sent_arrays = arrays
-        ok = exchange(rnd, "train", dispatch.train_messages(rnd, arrays))
-        dispatch.client_states.collect(ok, client_of)
         row: dict = {"round": rnd}
-        released = ok
+        secure_sum = None
+        if secure is None:
+            ok = exchange(rnd, "train", dispatch.train_messages(rnd, arrays))
+        else:  # setup, share keys, train (masked uploads), unmask: the server gets only the sum of the updates
+            secure_sum = secure.run(rnd, arrays, dispatch.train_messages(rnd, arrays), dispatch.client_of_node,
+                                    lambda phase, msgs: exchange(rnd, phase, msgs))
+            dispatch.has_frozen -= secure_sum.not_sent  # they never received their train message
+            if secure_sum.failure:
+                outcome.failures.append(round_failure(rnd, "secagg", secure_sum.failure))
+            ok = secure_sum.replies  # metrics and client state only; [] when the round failed
+            row.update(secure_sum.metrics)
+        dispatch.client_states.collect(ok, client_of)
+        released = ok if secure_sum is None else [secure_sum.mean_reply(sent_arrays)] if ok and not central else []
         if privacy is not None:
             privacy.check_replies(ok, cfg["strategy"]["name"])
-            if privacy.mode == CENTRAL:  # the strategy sees one reply: sent + noised mean of clipped updates
-                released = privacy.noised_replies(rnd, sent_arrays, ok)
-        if len(released) >= min_clients:
+        if central:  # the strategy sees one reply: sent + noised mean of clipped updates (every round)
+            released = (privacy.noised_replies(rnd, sent_arrays, ok) if secure_sum is None or not ok else
+                        privacy.release(rnd, sent_arrays, secure_sum.total, secure_sum.unclipped - len(ok) / 2))
+        if (len(released) if secure_sum is None or central else len(ok)) >= min_clients:
             arrays = strategy.after_aggregate(
                 rnd, strategy.merge(arrays, strategy.aggregate(rnd, sent_arrays, released)), released)
             if privacy is not None:
@@ -274,7 +304,16 @@ def run_rounds(strategy: ServerAlgorithm, grid: Grid, cfg: dict, plan: DataPlan,
             row.update(gen)
             with torch.no_grad():
                 row.update(strategy.diagnostics(model, test_x))
-            ev_ok = exchange(rnd, "evaluate", dispatch.evaluate_messages(rnd, arrays, received))
+            ev_ok = exchange(rnd, "evaluate", dispatch.evaluate_messages(rnd, arrays, received,
+                                                                         decoupled_generic=decoupled_generic))
+            if decoupled_generic:  # the clients' heads averaged, scored beside the generic predictors above
+                model.load_state_dict(arrays.to_torch_state_dict(), strict=False)
+                if strategy.frozen:
+                    model.load_state_dict(strategy.frozen, strict=False)
+                dec, dec_detail = strategy.decoupled_metrics(model, ev_ok, test_x, test_y,
+                                                             int(cfg["eval"]["batch_size"]), generic_eval)
+                row.update(dec)
+                gen_detail.update(dec_detail)
             pers, pers_detail = strategy.personalized_metrics(ev_ok, bool(cfg["eval"]["mask_absent_classes"]))
             row.update(pers)
             row["eval/clients"] = len(ev_ok)
@@ -304,3 +343,6 @@ def run_rounds(strategy: ServerAlgorithm, grid: Grid, cfg: dict, plan: DataPlan,
     if privacy is not None:
         outcome.privacy = privacy.summary()
         outcome.finished = outcome.finished or privacy.budget_stop  # a spent budget ends the run as planned
+    if secure is not None:
+        outcome.privacy = {**(outcome.privacy or {"mode": cfg["privacy"]["name"]}),
+                           "secure_aggregation": secure.summary()}

@@ -63,13 +63,15 @@ class GenericEvaluation:
             out[f"test_agnostic/{name}/accuracy"] = float((pred == self.labels[t]).double().mean())
         return out
 
-    def evaluate(self, logits_by_predictor: Iterable[tuple[str, torch.Tensor]], several: bool) -> tuple[dict, dict]:
+    def evaluate(self, logits_by_predictor: Iterable[tuple[str, torch.Tensor]], several: bool,
+                 primary: bool = True) -> tuple[dict, dict]:
         """Scalars ``generic/<metric>`` for the primary (first) predictor and ``generic/<name>/<metric>`` for
-        every predictor when there are several; detail per predictor plus the groups used."""
+        every predictor when there are several; detail per predictor plus the groups used. ``primary=False``:
+        predictors scored beside an earlier call's primary one (only ``generic/<name>/<metric>``)."""
         scalars, detail = {}, {}
         for i, (name, logits) in enumerate(logits_by_predictor):
             m, d = predictor_metrics(logits, self.labels, self.num_classes, self.groups)
-            if i == 0:
+            if i == 0 and primary:
                 m.update(self.test_agnostic_metrics(logits))
                 scalars.update({f"generic/{k}": v for k, v in m.items()})
             if several:

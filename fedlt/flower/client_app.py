@@ -59,6 +59,10 @@ def make_client_app(cfg: dict, plan: DataPlan) -> ClientApp:
     def train_cohort(msg: Message, context: Context) -> Message:
         return client_step.train_cohort_message(rt(), msg, context)
 
+    @app.train("secagg")  # privacy.secagg: setup, share keys and unmask (fedlt.privacy.secagg)
+    def secagg_stage(msg: Message, context: Context) -> Message:
+        return client_step.secagg_stage(msg, context)
+
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         return client_step.evaluate(rt(), msg, context)

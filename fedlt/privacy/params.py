@@ -20,12 +20,46 @@ _BN_DOC = ("floating-point buffers (BatchNorm running statistics): clip = part o
 
 
 @dataclass(frozen=True)
-class NoPrivacy:
-    """``privacy=none``: nothing is clipped or noised; the run is exactly the run without a privacy group."""
+class SecAggParams:
+    """Secure aggregation, an option of every mode (:mod:`fedlt.privacy.secagg`): SecAgg+ (Bell et al. 2020) as
+    Flower 1.42 implements it. Defaults: Flower's ``SecAggPlusWorkflow`` (clipping_range 8, quantization_range 2^22;
+    modulus 2^32, fixed), the largest client instead of its max_weight 1000 (a client of 4,000 images would have its
+    weighted update clipped at 8 / 4), and, for the two values Flower leaves to the user, its secure-aggregation
+    example's num_shares=3, reconstruction_threshold=2 of 5 clients as fractions."""
+
+    secagg: bool = param(False, "SecAgg+ secure aggregation: the server learns only the sum of the round's masked, "
+                                "quantized client updates, never one client's update (with dp_central the server "
+                                "adds its noise to that sum)")
+    secagg_share_fraction: float = param(0.6, "each client secret-shares its keys with round(fraction x sampled "
+                                              "clients) neighbours, itself included (made odd; all clients if that "
+                                              "is <= 2; Flower's float num_shares); 1.0 = all clients (SecAgg)",
+                                         lo=0.0, hi=1.0, lo_open=True)
+    secagg_reconstruction_threshold: float = param(0.67, "fraction of a client's shares needed to rebuild its "
+                                                         "secrets (Flower's float reconstruction_threshold; at least "
+                                                         "2): higher = more privacy, fewer dropouts tolerated",
+                                                   lo=0.0, hi=1.0, lo_open=True)
+    secagg_clipping_range: float = param(8.0, "every entry of a client's weighted update is clipped to "
+                                              "[-range, range] before quantization (Flower's clipping_range)",
+                                         lo=0.0, lo_open=True)
+    secagg_quantization_range: int = param(4194304, "entries are stochastically rounded to integers in [0, range] "
+                                                    "(Flower's quantization_range, 2^22); clients per round x range "
+                                                    "must stay below the modulus 2^32", lo=2, hi=2**31)
+    secagg_max_weight: float | None = param(None, "a client's update is multiplied by its weight num_examples / "
+                                                  "max_weight before quantization (Flower's max_weight, default 1000 "
+                                                  "there); null = the largest client training set of the split, so "
+                                                  "no weight exceeds 1 (dp_central: every weight is 1); a round's "
+                                                  "weights must sum to less than 2^32 / quantization_range",
+                                            lo=0.0, lo_open=True)
 
 
 @dataclass(frozen=True)
-class CentralParams:
+class NoPrivacy(SecAggParams):
+    """``privacy=none``: nothing is clipped or noised; the run is exactly the run without a privacy group (unless
+    ``secagg=true``)."""
+
+
+@dataclass(frozen=True)
+class CentralParams(SecAggParams):
     """``privacy=dp_central``: DP-FedAvg with a trusted server (McMahan et al. 2018; adaptive clipping: Andrew et
     al. 2021)."""
 
@@ -62,7 +96,7 @@ class CentralParams:
 
 
 @dataclass(frozen=True)
-class LocalParams:
+class LocalParams(SecAggParams):
     """``privacy=dp_local``: each client clips its update and adds Gaussian noise before the update leaves it, as
     Flower's ``LocalDpMod`` (noise std = sensitivity * sqrt(2 ln(1.25/delta)) / epsilon on every entry)."""
 
@@ -80,7 +114,7 @@ class LocalParams:
 
 
 @dataclass(frozen=True)
-class DpSgdParams:
+class DpSgdParams(SecAggParams):
     """``privacy=dp_sgd``: sample-level DP inside every client (DP-SGD, Abadi et al. 2016, as Opacus implements
     it): Poisson-sampled batches, every per-sample gradient clipped to ``clip_norm``, Gaussian noise of std
     noise_multiplier * clip_norm on their sum, divided by the expected batch size (:mod:`fedlt.privacy.dp_sgd`).
@@ -111,3 +145,9 @@ def mode(cfg: dict) -> str:
 
 def enabled(cfg: dict) -> bool:
     return mode(cfg) != NONE
+
+
+def secagg_enabled(cfg: dict) -> bool:
+    """``privacy.secagg``: SecAgg+ secure aggregation (any mode; false when absent, e.g. an old run)."""
+    node = cfg.get("privacy") or {}
+    return isinstance(node, dict) and bool(node.get("secagg", False))

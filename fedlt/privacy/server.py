@@ -168,6 +168,15 @@ class RunPrivacy:
             for k, u in update.items():
                 total[k] += u * scale
             below += float(next(iter(r.content.metric_records.values())).get(UNCLIPPED, 1.0)) - 0.5
+        return self.release(rnd, sent, total, below, plain)
+
+    def release(self, rnd: int, sent: ArrayRecord, total: dict[str, torch.Tensor], below: float,
+                plain: dict | None = None) -> list[Message]:
+        """dp_central's release from the float64 SUM of clipped updates ``total`` (every protected float array) and
+        ``below`` = sum(b - 1/2) of the unclipped bits: noise, / expected clients, adaptive clipping. Also called
+        with the secure sum of ``privacy.secagg`` (:mod:`fedlt.privacy.secagg`), where the server sees no update."""
+        start = {k: torch.from_numpy(a.numpy()) for k, a in sent.items()}
+        plain = plain or {}
         g = torch_generator(self.seed, PRIVACY, rnd, UPDATE_NOISE)
         std = self.update_multiplier * self.round_clip
         out = {}

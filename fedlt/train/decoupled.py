@@ -35,10 +35,30 @@ Deviations, and why:
   here epoch e (0-based) uses lr * (1 + cos(pi e / E)) / 2.
 * Only the classes the client holds are sampled (a client's data is all it has); the official sampler's classes
   are the data set's classes, all of which are present.
-* Generic (server-side, federated) cRT/LWS are not provided: the server holds no training data, so they would
-  need a new client-server exchange (e.g. clients training a head and the server averaging it, as CReFF does
-  with its own exchange). tau-normalisation stays the generic ``eval.posthoc.norm_tau`` predictor.
+* tau-normalisation stays the generic ``eval.posthoc.norm_tau`` predictor (fedlt.eval.posthoc).
 * No hyper-parameter is tuned, so no validation split is drawn (LWS and cRT have none to choose here).
+
+**Generic (federated) cRT and LWS** (``generic/crt/*``, ``generic/lws/*``, also with ``eval.decoupled.enabled``).
+Kang et al.'s stage 2 needs the training data, which only the clients hold, so the generic predictors are their
+federated form, one FedAvg round of head-only training at every evaluation: every client (sampled or not), in its
+evaluate step and before any of its predictors runs, computes the features of its training images with the
+GLOBAL model (:func:`generic_uploads`) and trains (a) a cRT head from the SAME re-initialised head for every client
+(seeded by (seed, round) only, so that the average is an average of one model's updates) and (b) LWS scales on the
+global head starting from 1, both with the class-aware sampling, optimiser and epochs above (its own sampling
+stream per client). It returns the head and the scales in its evaluate reply (``decoupled.*``); the server averages
+them weighted by the clients' training sizes n_k (:func:`average_heads`, float64) and scores global backbone +
+averaged cRT head, and global model x averaged scales, on the balanced test set beside the strategy's own generic
+predictors, which stay unchanged and primary (logged like the post-hoc ones: ``generic/<name>/<metric>``).
+Deviations from the centralised method: the head is trained in one federated round (each client on its own
+classes, then averaged) rather than on the pooled data, so a class's row is trained only by the clients holding
+it and pulled by all others' softmax; an LWS scale is the n_k-weighted mean of the clients' scales (clients without
+the class included). Applies only where every client's features and head ARE the global ones: a strategy whose
+personal state changes ``head(features(x))`` (FedPer, FedRep, FedBN, FedProto, local) gets no generic cRT/LWS,
+and neither does a run with privacy (the heads are uploads besides the model update that no DP mechanism
+covers); the run logs the reason once (:func:`generic_problem`). Uploads besides weights: a d x K head, its bias
+and K scales per client per evaluation round, trained on the client's data (a function of its features and label
+histogram). Cost per client and evaluation: one more forward pass over its training data, one more cRT and LWS
+training on features.
 
 The model must be a backbone with ``features(x)`` followed by a plain linear ``head`` (``model(x) ==
 head(features(x))``); fedlt.validate refuses ``eval.decoupled`` for strategies whose model is not (FedETF,
@@ -46,6 +66,7 @@ FedLoGe, a cosine head, ...). Everything is seeded from (seed, round, client); n
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -60,12 +81,16 @@ from fedlt.seeding import EVAL, torch_generator
 
 CRT, LWS, FSMOTE = "crt", "lws", "fsmote"
 STREAM = 17  # the generator stream of the decoupled predictors (beside the client's own EVAL generator)
+GENERIC_STREAM = 19  # the generic (federated) cRT/LWS: the common head init (seed, round), sampling per client
+CRT_WEIGHT, CRT_BIAS, LWS_SCALES = "decoupled.crt.weight", "decoupled.crt.bias", "decoupled.lws.scales"
+GENERIC_KEYS = (CRT_WEIGHT, CRT_BIAS, LWS_SCALES)  # what a client's evaluate reply carries for them
 
 
 @dataclass(frozen=True)
 class DecoupledParams:
-    enabled: bool = param(False, "log personalized crt and lws predictors (heads re-trained on each client's frozen "
-                                 "features) beside every strategy's own")
+    enabled: bool = param(False, "log crt and lws predictors (heads re-trained on frozen features) beside every "
+                                 "strategy's own: personalized (each client's) and generic (their n_k-weighted "
+                                 "average, federated)")
     crt_epochs: int = param(10, "epochs of cRT (and fsmote) head training (official ImageNet-LT cls_crt: 10)", lo=1)
     lws_epochs: int = param(5, "epochs of LWS scale training (official cls_lws: 5)", lo=1)
     lr: float = param(0.2, "SGD lr, cosine-annealed to 0 (official 0.2)", lo=0.0, lo_open=True)
@@ -286,3 +311,69 @@ def decoupled_predictors(model: nn.Module, data, cfg: dict, round: int, device: 
     if FSMOTE in heads:
         out[FSMOTE] = lambda x, h=heads[FSMOTE]: h(model.features(x))
     return out
+
+
+# ----------------------------------------------------------------------------- generic (federated) cRT/LWS
+def generic_problem(cfg: dict, model: nn.Module, is_personal: Callable[[str], bool], x: torch.Tensor) -> str:
+    """Why the generic (federated) cRT/LWS cannot run ("" = they can): privacy on, no linear head, or personal
+    state that changes ``head(features(x))`` (each personal floating-point entry of a copy of ``model`` is
+    perturbed and the outputs on ``x``, a few test images, compared)."""
+    node = (cfg or {}).get("privacy") or {}
+    privacy = str(node.get("name", "none"))
+    if privacy != "none" or node.get("secagg"):
+        what = f"privacy={privacy}" if privacy != "none" else "privacy.secagg=true"
+        return (f"{what}: the clients' heads would be uploads besides the model update, in the clear, that the "
+                f"privacy mechanism does not cover")
+    if not applies(model):
+        return f"{type(model).__name__} has no features(x) followed by a linear head"
+    probe = copy.deepcopy(model).eval()
+    personal = [k for k, v in probe.state_dict().items() if is_personal(k) and v.is_floating_point()]
+    if not personal:
+        return ""
+    x = x[:2].to(next(probe.parameters()).device)
+    with torch.no_grad():
+        before = probe.head(probe.features(x))
+        state = probe.state_dict()
+        g = torch.Generator().manual_seed(0)
+        for k in personal:
+            state[k].add_(torch.rand(state[k].shape, generator=g).to(state[k].device) + 0.5)
+        after = probe.head(probe.features(x))
+    if not torch.allclose(before, after):
+        return (f"the clients' personal state ({', '.join(personal[:3])}{', ...' if len(personal) > 3 else ''}) "
+                f"changes head(features(x)), so there is no global backbone + head to re-train")
+    return ""
+
+
+def generic_uploads(model: nn.Module, data, cfg: dict, round: int, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """A client's part of the generic cRT/LWS (module docstring): from ``model`` (the global one), the cRT head
+    trained from the round's common re-initialisation and the LWS scales of the global head; ``model`` is left
+    as it was (weights and train/eval mode)."""
+    p = options(cfg)
+    seed, cid = int(cfg["seed"]), int(data.client_id)
+    was_training = model.training
+    feats, labels = train_features(model, data, device, int(cfg["eval"].get("batch_size", 512)))
+    model.train(was_training)
+    g = torch_generator(seed, EVAL, int(round), cid, GENERIC_STREAM)
+    with torch.enable_grad():
+        head = fresh_head(feats.shape[1], int(data.plan.num_classes), torch_generator(seed, EVAL, int(round),
+                                                                                      GENERIC_STREAM))
+        fit(list(head.parameters()), head, feats, labels, p.crt_epochs, class_aware(labels, p.samples_per_class, g),
+            p)
+        scales = lws_scales(model.head, feats, labels, p, g)
+    return {CRT_WEIGHT: head.weight.detach().clone(), CRT_BIAS: head.bias.detach().clone(), LWS_SCALES: scales}
+
+
+def average_heads(uploads: list[tuple[dict[str, torch.Tensor], float]]) -> dict[str, torch.Tensor]:
+    """The n_k-weighted mean (float64, returned as float32) of the clients' ``(uploads, n_k)``; {} for none."""
+    uploads = [(u, float(n)) for u, n in uploads if n > 0]
+    total = sum(n for _, n in uploads)
+    if not uploads:
+        return {}
+    return {k: (sum(u[k].double() * n for u, n in uploads) / total).float() for k in GENERIC_KEYS}
+
+
+def generic_predictors(model: nn.Module, heads: dict[str, torch.Tensor]) -> dict:
+    """``crt`` (global backbone + averaged cRT head) and ``lws`` (global model x averaged scales)."""
+    weight, bias, scales = heads[CRT_WEIGHT], heads[CRT_BIAS], heads[LWS_SCALES]
+    return {CRT: lambda x: F.linear(model.features(x), weight.to(x.device), bias.to(x.device)),
+            LWS: lws_predictor(model, scales)}

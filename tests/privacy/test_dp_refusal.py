@@ -58,4 +58,6 @@ def test_privacy_group_files_hold_the_typed_defaults():
         on_disk = yaml.safe_load((folder / f"{name}.yaml").read_text())
         assert on_disk.pop("name") == name
         assert on_disk == pytest.approx(param_defaults(params)) if on_disk else param_defaults(params) == {}
-    assert compose("experiment=smoke")["privacy"] == {"name": "none"}  # the default
+    assert compose("experiment=smoke")["privacy"] == {"name": "none", **param_defaults(MODES["none"])}  # default
+    assert param_defaults(MODES["none"]) == {k: v for k, v in param_defaults(MODES["dp_central"]).items()
+                                             if k.startswith("secagg")}  # none: only the secagg options (off)

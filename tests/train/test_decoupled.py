@@ -180,7 +180,7 @@ def test_a_run_logs_crt_lws_and_fsmote_beside_the_unchanged_predictors(tmp_path)
         for variant in ("masked", "unmasked"):
             assert 0.0 <= rows[True][f"personalized/{name}/{variant}/accuracy"] <= 1.0
     extra = {k for k in rows[True] if k.startswith(("personalized/crt/", "personalized/lws/", "personalized/fsmote/",
-                                                    "personalized/model/"))}
+                                                    "personalized/model/", "generic/crt/", "generic/lws/"))}
     own = {k: v for k, v in rows[True].items() if k not in extra and not k.startswith("time/")}
     assert own == {k: v for k, v in rows[False].items() if not k.startswith("time/")}  # the strategy's own: same
 
