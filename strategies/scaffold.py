@@ -6,8 +6,10 @@ Algorithm 1 with option II: control variates correct the client drift.
 * Client state: its control variate c_i (``ctx.state``, zeros until its first training round).
 * Local step: every SGD step uses the corrected gradient g(y) - c_i + c (added to the gradient before the
   optimizer, so momentum / weight decay from ``optimizer.*`` apply as to a plain gradient).
-* After K local steps (lr eta_l): option II, c_i+ = c_i - c + (x - y_i) / (K eta_l); the client keeps c_i+ and
-  uploads dc_i = c_i+ - c_i (``scaffold.dc.<key>``, removed by the server before averaging).
+* After K local steps (lr eta_l): c_i+ = the mean over the K steps of the client's own minibatch gradient g_i(y)
+  (plus weight decay), the quantity option II, c_i+ = c_i - c + (x - y_i) / (K eta_l), equals under plain SGD
+  (x - y_i = eta_l * sum of the corrected gradients g_i - c_i + c); the client keeps c_i+ and uploads
+  dc_i = c_i+ - c_i (``scaffold.dc.<key>``, removed by the server before averaging).
 * Server: x <- x + eta_g * mean_i (y_i - x) over the accepted replies; c <- c + (1/N) sum_i dc_i with N =
   ``num_clients``. BatchNorm buffers (statistics, not parameters) are plain averages with the same weights.
 
@@ -23,8 +25,10 @@ the same number of local steps; neither is in the paper, and neither is done her
 ``weighting: uniform`` (the paper's 1/|S| mean, as all three).
 
 Deviations: K counts the steps the client actually took (``train/steps``; a trailing one-image batch is skipped),
-not a nominal K; with momentum in ``optimizer.*`` option II's (x - y_i) / (K eta_l) is no longer the mean
-gradient (FL-bench applies it the same way); ``weighting: samples`` (not in the paper) weights the model
+not a nominal K; c_i+ is accumulated as the mean gradient instead of read from (x - y_i) / (K eta_l): the two are
+equal under plain SGD (up to float rounding), but with momentum beta in ``optimizer.*`` (x - y_i) / (K eta_l) is
+about 1 / (1 - beta) times the mean gradient (FL-bench applies it so), and at ``cifar10_lt_quick``'s momentum 0.9
+those ten-fold variates made SCAFFOLD's updates non-finite by round 8-12 in every seed; ``weighting: samples`` (not in the paper) weights the model
 average by sample count, so that SCAFFOLD with zero control variates is exactly fedlt's FedAvg (c's update stays
 the paper's). Uploads besides weights: dc_i, one tensor per trainable parameter (as large as the model); the
 server's c travels to every client every round.
@@ -61,11 +65,12 @@ class SCAFFOLDClient(FedAvgClient):
     def train(self, ctx: ClientContext) -> dict[str, float]:
         model = ctx.model.train()
         params = trainable(model, self.is_shared)
-        start = {k: p.detach().clone() for k, p in params.items()}
         c = {k: ctx.received.get(C + k, torch.zeros_like(p)).to(p.device) for k, p in params.items()}
         c_i = {k: ctx.state.get(C_I + k, torch.zeros_like(p)).to(p.device) for k, p in params.items()}
         correction = {k: c[k] - c_i[k] for k in params}
         opt = sgd(list(params.values()), ctx.cfg["optimizer"])
+        weight_decay = float(ctx.cfg["optimizer"].get("weight_decay") or 0.0)
+        grad_sum = {k: torch.zeros_like(p) for k, p in params.items()}  # sum of g_i(y) over the steps: c_i+
         loss_fn = self.loss_fn(ctx)
 
         def step(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -74,6 +79,7 @@ class SCAFFOLDClient(FedAvgClient):
             loss.backward()
             for k, p in params.items():
                 if p.grad is not None:
+                    grad_sum[k].add_(p.grad).add_(p.detach(), alpha=weight_decay)
                     p.grad.add_(correction[k])
             opt.step()
             return loss.detach().item()
@@ -82,9 +88,8 @@ class SCAFFOLDClient(FedAvgClient):
                                    step, ctx.device)
         steps = int(metrics["train/steps"])
         if steps > 0:
-            scale = 1.0 / (steps * float(ctx.cfg["optimizer"]["lr"]))
             for k, p in params.items():
-                new = c_i[k] - c[k] + scale * (start[k] - p.detach())  # option II
+                new = grad_sum[k] / steps  # = option II's c_i - c + (x - y_i) / (K eta_l) under plain SGD
                 ctx.uploads[DC + k] = (new - c_i[k]).cpu()
                 ctx.state[C_I + k] = new.cpu()
         else:  # no step taken: c_i unchanged
