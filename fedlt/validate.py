@@ -424,11 +424,11 @@ def _privacy(cfg: dict, server) -> None:
         raise ConfigError(f"{combo}: the strategy chooses its own clients (sample_clients), while the privacy "
                           f"accountant needs the sampling it assumes (privacy.sampling: poisson or fixed-size "
                           f"uniform); use privacy=none.")
-    if cfg["backend"].get("client_batching"):
+    if cfg["backend"].get("client_batching") and name == DPSGD:  # dp_central/dp_local: clipped per client
         raise ConfigError(
-            f"invalid combination privacy={name} with backend.client_batching=true: a client-batching reply is "
-            f"the average of a whole cohort's updates, so no single client's update can be clipped; set "
-            f"backend.client_batching=false.")
+            f"invalid combination privacy={name} with backend.client_batching=true: DP-SGD clips and noises every "
+            f"sample's gradient, and the vectorised cohort trainer computes no per-sample gradients; set "
+            f"backend.client_batching=false (dp_central and dp_local work with client batching).")
     if name == CENTRAL:
         _central_dp(cfg)
     elif name == DPSGD:

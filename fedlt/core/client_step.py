@@ -36,7 +36,7 @@ from fedlt.core.model import build_run_model
 from fedlt.data.federated import ClientData, DataPlan, client_data
 from fedlt.eval.posthoc import with_prior_correction
 from fedlt.eval.predict import absent_class_mask, apply_mask, local_eval_record, predict_logits
-from fedlt.privacy import DPSGD
+from fedlt.privacy import CENTRAL, DPSGD
 from fedlt.privacy import enabled as privacy_enabled
 from fedlt.privacy import mode as privacy_mode
 from fedlt.privacy import secagg
@@ -304,12 +304,50 @@ def train_cohort_message(rt: ClientRuntime, msg: Message, context: Context) -> M
         raise RuntimeError(f"every client of cohort {group} produced non-finite weights in round {rnd}")
     weights = [datas[i].num_train for i in ok]
     total = sum(weights)
-    avg = average_states([states[i] for i in ok], weights, shared_keys)
     record = {"num-examples": total, "client-id": group[0], "num-clients": len(ok),
               "failed-clients": len(group) - len(ok), "train/time_s": time.monotonic() - t0,
               "train/loss": sum(metrics[i]["train/loss"] * w for i, w in zip(ok, weights, strict=True)) / total,
               "train/steps": float(sum(metrics[i]["train/steps"] for i in ok))}
+    if privacy_enabled(cfg):  # client-level DP: every client's update is protected before the group's reply
+        avg, protected = protected_cohort(rt, msg, [states[i] for i in ok], [group[i] for i in ok], weights,
+                                          shared_keys)
+        record.update(protected)
+    else:
+        avg = average_states([states[i] for i in ok], weights, shared_keys)
     return Message(RecordDict({"arrays": ArrayRecord(avg), "metrics": MetricRecord(record)}), reply_to=msg)
+
+
+def protected_cohort(rt: ClientRuntime, msg: Message, states: list[dict], clients: list[int], weights: list[int],
+                     shared_keys: list[str]) -> tuple[dict, dict]:
+    """Client batching under client-level DP: each client's update is protected exactly as :func:`train` protects
+    it (``protect_update`` with that client's id: the same clipping and, under dp_local, the same seeded noise).
+    dp_local: the reply is the sample-weighted average of the protected states, what the server would compute
+    from the clients' own replies. dp_central: the reply is sent + the SUM of the clipped updates, with the sum
+    of the clients' "norm <= C" bits; the server counts it as ``num-clients`` clients
+    (:meth:`fedlt.privacy.server.RunPrivacy.noised_replies`). Returns (arrays, reply metrics)."""
+    cfg, sent, config = rt.cfg, msg.content["arrays"], msg.content["config"]
+    buffers = {k for k, _ in rt.model.named_buffers()}
+    protected, metrics = [], {}
+    for sd, cid in zip(states, clients, strict=True):
+        shared = {k: sd[k] for k in shared_keys}
+        for key, value in protect_update(cfg, sent, shared, {}, config, int(config["server-round"]), cid,
+                                         buffers).items():
+            metrics[key] = metrics.get(key, 0.0) + value  # UNCLIPPED: the sum of the bits; WITHHELD: a count
+        protected.append(shared)
+    if privacy_mode(cfg) != CENTRAL:
+        return average_states(protected, weights, list(protected[0])), metrics
+    start = sent.to_torch_state_dict()
+    unprotected = cfg["privacy"].get("batchnorm_stats", "clip") == "unprotected"
+    out = {}
+    for k in protected[0]:
+        v = start[k]
+        if not v.is_floating_point():
+            out[k] = v.clone()  # protect_update sends back what the server sent
+        elif unprotected and k in buffers:  # released in the clear as the mean over clients (README Privacy)
+            out[k] = (sum(p[k].double() for p in protected) / len(protected)).to(v.dtype)
+        else:
+            out[k] = (v.double() + sum(p[k].double() - v.double() for p in protected)).to(v.dtype)
+    return out, metrics
 
 
 def secagg_stage(msg: Message, context: Context) -> Message:

@@ -256,7 +256,7 @@ def cohorts(clients: list[int], cfg: dict, actors: int) -> list[list[int]]:
     """The round's sampled clients in groups of ``backend.batching_group`` (0: one group per actor)."""
     size = int(cfg["backend"].get("batching_group") or 0)
     if size <= 0:
-        size = math.ceil(len(clients) / max(1, min(len(clients), actors)))
+        size = max(1, math.ceil(len(clients) / max(1, min(len(clients), actors))))  # >= 1: a Poisson round may be empty
     return [clients[i : i + size] for i in range(0, len(clients), size)]
 
 

@@ -16,6 +16,8 @@ it at fixed points; strategies never see it.
   ``after_aggregate`` are post-processing of the released aggregate (FedAvg returns it as is, FedAdam/FedAvgM
   take their server step on it). The mechanism runs every round, even when no client was sampled or every reply
   failed (a skipped release would depend on who was sampled), so ``backend.min_clients_per_round`` must be 1.
+* client batching: a cohort reply carries sent + the SUM of its m clients' clipped updates (each clipped on the
+  client side, as alone) and the sum of their bits; it is re-clipped at mC and counts as m clients.
 * adaptive clipping (Andrew et al. 2021, "Differentially Private Learning with Adaptive Clipping"; the same rule
   as TensorFlow Privacy's ``QuantileAdaptiveClipSumQuery``): each client reports b = 1[norm <= C]; the server
   releases b_bar = (sum(b - 1/2) + N(0, sigma_b^2)) / expected + 1/2 (clamped to [0, 1]) and sets
@@ -54,6 +56,7 @@ from fedlt.privacy.params import CENTRAL, DPSGD, LOCAL
 from fedlt.seeding import PRIVACY, SAMPLE, numpy_rng, torch_generator
 
 NUM_EXAMPLES = "num-examples"  # the reply metric aggregation weights by (fedlt.api.server.NUM_EXAMPLES)
+NUM_CLIENTS = "num-clients"  # reply metric of client batching: the clients one reply stands for
 UPDATE_NOISE, COUNT_NOISE = 0, 1  # stream keys of the server's two noise draws in a round
 
 
@@ -153,8 +156,7 @@ class RunPrivacy:
         start = {k: torch.from_numpy(a.numpy()) for k, a in sent.items()}
         floats = [k for k, v in start.items() if v.is_floating_point() and k not in self.unprotected]
         total = {k: torch.zeros(start[k].shape, dtype=torch.float64) for k in floats}
-        plain = {k: [torch.from_numpy(r.content["arrays"][k].numpy()).double() for r in replies]
-                 for k, v in start.items() if k in self.unprotected and v.is_floating_point()}
+        plain = {k: [] for k, v in start.items() if k in self.unprotected and v.is_floating_point()}
         below = 0.0
         for r in replies:
             got = r.content["arrays"]
@@ -162,12 +164,19 @@ class RunPrivacy:
             if extra:
                 raise PrivacyBudgetError(f"privacy: a reply carries arrays that are not model arrays ({extra[:3]}); "
                                          f"they would be released without protection")
+            metrics = next(iter(r.content.metric_records.values()))
+            # a client-batching reply stands for m clients: sent + the SUM of their clipped updates and the sum of
+            # their bits (fedlt.core.client_step.protected_cohort). A sum of m vectors of norm <= C has norm <= mC,
+            # so re-clipping it at mC never changes a correct sum; it bounds what a faulty one can add, as for one.
+            m = int(metrics.get(NUM_CLIENTS, 1))
             update = {k: torch.from_numpy(got[k].numpy()).double() - start[k].double() for k in floats if k in got}
             norm = flat_norm(update.values())
-            scale = min(1.0, self.round_clip / norm) if norm > 0 else 1.0
+            scale = min(1.0, m * self.round_clip / norm) if norm > 0 else 1.0
             for k, u in update.items():
                 total[k] += u * scale
-            below += float(next(iter(r.content.metric_records.values())).get(UNCLIPPED, 1.0)) - 0.5
+            for k in plain:  # batchnorm_stats=unprotected: a cohort reply carries its clients' mean, counted m times
+                plain[k].extend([torch.from_numpy(got[k].numpy()).double()] * m)
+            below += float(metrics.get(UNCLIPPED, float(m))) - 0.5 * m
         return self.release(rnd, sent, total, below, plain)
 
     def release(self, rnd: int, sent: ArrayRecord, total: dict[str, torch.Tensor], below: float,

@@ -17,7 +17,6 @@ from tests.core.probe import ROOT, compose
     (("strategy=creff",), "per-class gradients"),  # CReFF's class gradients are uploaded besides the update
     (("strategy=centralized",), "chooses its own clients"),
     (("strategy=local",), "share no model arrays"),
-    (("backend.client_batching=true",), "client_batching"),
 ])
 def test_unprotectable_runs_are_refused(mode, overrides, match):
     with pytest.raises(ConfigError, match=match):
