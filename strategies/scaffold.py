@@ -30,8 +30,8 @@ equal under plain SGD (up to float rounding), but with momentum beta in ``optimi
 about 1 / (1 - beta) times the mean gradient (FL-bench applies it so), and at ``cifar10_lt_quick``'s momentum 0.9
 those ten-fold variates made client updates non-finite and every seed end at chance accuracy; ``weighting:
 samples`` (not in the paper) weights the model average by sample count, so that SCAFFOLD with zero control
-variates is exactly fedlt's FedAvg (c's update stays the paper's). Uploads besides weights: dc_i, one tensor per trainable parameter (as large as the model); the
-server's c travels to every client every round.
+variates is exactly fedlt's FedAvg (c's update stays the paper's). Uploads besides weights: dc_i, one tensor per
+trainable parameter (as large as the model); the server's c travels to every client every round.
 """
 
 from __future__ import annotations
