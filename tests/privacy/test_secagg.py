@@ -133,7 +133,9 @@ def test_the_server_never_receives_an_individual_update():
         true = (update + 8.0) * target / 16.0
         masked = r.content["arrays"][MASKED].numpy()[secagg.HEADER:]
         assert np.abs(masked - true).mean() > MODULUS / 8  # uniform noise: ~2^32 / 3 away; true is ~2^21
-        assert abs(np.corrcoef(masked, true)[0, 1]) < 0.5
+        # no linear trace of the update: |r| within 4 null stds (1/sqrt(n); n = 28 entries here, so a fixed 0.5
+        # bound failed ~1 % of runs by chance with the OS-random keys)
+        assert abs(np.corrcoef(masked, true)[0, 1]) < 4 / np.sqrt(len(true))
 
 
 def test_each_upload_is_hidden_by_its_self_mask_alone(monkeypatch):
