@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedlt.core import checkpoint, personalize
+from fedlt.core import checkpoint, malloc, personalize
 from fedlt.core.interrupt import StopRequest
 from fedlt.core.rounds import RunOutcome
 from fedlt.data.federated import prepare, profile_counts, server_set_summary, summary
@@ -67,6 +67,7 @@ def run(cfg: dict, run_dir: Path, resume: bool = False) -> dict:
     """Run the experiment (or continue it from its newest checkpoint with ``resume``); return the results dict
     (also written to results.json). Raises RunFailed, Interrupted, BackendError, CheckpointError and the data
     errors."""
+    malloc.apply_here(cfg["backend"])  # first: before any thread of this process makes its own arena
     stop = StopRequest()
     on_signal = bool((cfg.get("checkpoint") or {}).get("on_signal", True))
     if on_signal:

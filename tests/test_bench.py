@@ -38,6 +38,9 @@ def test_bench_compares_the_flower_path_with_a_bare_loop_doing_the_same_work():
     assert len(out["flower_round_s"]) == len(out["bare_round_s"]) == 3
     assert out["clients"] == 4 and out["sampled_per_round"] == 2 and out["device"] == "cpu"
     assert out["peak_rss_mb"] > out["bare_peak_rss_mb"]  # Ray's daemons and actors are counted
+    # each path ran in a fresh process, measured on its own tree: the plain loop's figure is its own process only
+    assert 0 < out["plain_peak_pss_mb"] <= out["plain_peak_rss_mb"] < out["peak_rss_mb"]
+    assert out["flower_vs_plain_peak_pss"] == pytest.approx(out["peak_pss_mb"] / out["plain_peak_pss_mb"], rel=0.01)
     assert out["machine"]["cpus"] >= 1
 
 

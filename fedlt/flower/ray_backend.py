@@ -24,6 +24,8 @@ import sys
 import threading
 from contextlib import contextmanager
 
+from fedlt.core import malloc
+
 _HOST_PORT = re.compile(r"^(?:ray://)?(\[[0-9A-Fa-f:]+\]|[A-Za-z0-9_.\-]+):(\d{1,5})$")
 
 
@@ -132,9 +134,10 @@ def start_ray(cfg: dict, init_args: dict) -> None:
         pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
     os.environ["PYTHONPATH"] = pythonpath
     local_args = {} if address else local_only_args(init_args)
+    malloc_env = malloc.export(b)  # the daemons and local actors inherit it; a cluster's actors get it below
     try:
         with watchdog(limit, f"starting Ray (backend.address={address!r})"):
-            ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **local_args, **init_args)
+            ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath, **malloc_env}}, **local_args, **init_args)
     except BackendError:
         raise
     except Exception as e:  # noqa: BLE001 -- every failure to start is reported the same way

@@ -19,11 +19,13 @@ RUN = """
 import os, subprocess, sys
 import ray
 from fedlt.flower.ray_backend import shutdown_ray, start_ray
-cfg = {"backend": {"startup_timeout_s": 120, "num_cpus_per_client": 1, "num_gpus_per_client": 0.0}}
+cfg = {"backend": {"startup_timeout_s": 120, "num_cpus_per_client": 1, "num_gpus_per_client": 0.0,
+                   "malloc_arena_max": 2}}
 start_ray(cfg, {"include_dashboard": False, "logging_level": "ERROR", "log_to_driver": False, "num_cpus": 1})
 try:
     print("MODE", os.environ["RAY_AUTH_MODE"], len(os.environ["RAY_AUTH_TOKEN"]))
     print("OWN", ray.get(ray.remote(lambda: 1).remote()))
+    print("ARENAS", ray.get(ray.remote(lambda: os.environ.get("MALLOC_ARENA_MAX")).remote()))
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
     out = subprocess.run([sys.executable, "-c", sys.argv[1], ray.get_runtime_context().gcs_address],
                          capture_output=True, text=True, timeout=120, env=env)
@@ -53,3 +55,5 @@ def test_a_local_run_refuses_clients_without_its_token():
     assert "MODE token 64" in out.stdout and "OWN 1" in out.stdout, log  # the run itself works, with a token
     assert "ATTACK-RAN" not in out.stdout, log
     assert "REFUSED" in out.stdout, log
+    # backend.malloc_arena_max reaches the processes Ray starts (fedlt.core.malloc)
+    assert "ARENAS 2" in out.stdout, log
