@@ -1,14 +1,19 @@
 """``fedlt-bench``: how much the simulator costs on top of the learning itself.
 
-One invocation, one process, the same run config twice:
+One invocation, the same run config three times, each in a fresh child process of its own (so that no path's
+memory figure carries what an earlier path left in the heap, and each is measured on its own process tree):
 
 * **flower** -- fedlt's real path (``fedlt.experiment.run``: Flower ServerApp/ClientApp, Ray actors,
   messages, run directory, TensorBoard);
-* **bare** -- the same round loop and client step in this process (``fedlt.core.inprocess``): no Flower
-  transport, no Ray, no run directory. The messages are the same objects, the client step the same function.
+* **bare** -- the same round loop and client step in one process (``fedlt.core.inprocess``): no Flower
+  transport, no Ray, no run directory. The messages are the same objects, the client step the same function;
+* **plain** -- a deliberately minimal plain-PyTorch loop (``fedlt.bench_plain``) doing the same training work.
 
-Both paths do the same arithmetic, so their metrics must agree (``results_match``); the timing ratio then
-measures only the simulator: messaging, serialization, actor start-up, Ray. One JSON line goes to stdout.
+Flower and bare do the same arithmetic, so their metrics must agree (``results_match``); their timing ratio
+then measures only the simulator: messaging, serialization, actor start-up, Ray. Memory is the peak over time of
+the whole tree's PSS (driver, Ray's daemons, actors): PSS splits pages that several processes share (libraries,
+the memory-mapped dataset) between them, where RSS would count them once per process. One JSON line goes to
+stdout.
 
 Usage::
 
@@ -124,15 +129,16 @@ class MemorySampler:
     background thread. CPU seconds barely depend on how loaded the machine is, unlike wall time, so
     ``cpu_s`` is the steadier overhead figure on a shared box."""
 
-    def __init__(self, interval: float = 1.0):  # reading smaps of every Ray process costs ~10 % of a core at 0.25 s
-        self.interval, self.peak_rss, self.peak_pss = interval, 0.0, 0.0
-        self._cpu_start = tree_cpu_s([os.getpid()])
+    def __init__(self, interval: float = 1.0, root: int | None = None):  # reading smaps of every Ray process
+        # costs ~10 % of a core at 0.25 s
+        self.interval, self.peak_rss, self.peak_pss, self.root = interval, 0.0, 0.0, root
+        self._cpu_start = tree_cpu_s([os.getpid() if root is None else root])
         self._cpu: dict[int, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def sample(self) -> None:
-        pids = process_tree()
+        pids = process_tree(self.root)
         rss, pss = tree_memory_mb(pids=pids)
         self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
         for pid, c in tree_cpu_s(pids).items():
@@ -179,8 +185,6 @@ class _RoundTimes:
 def bare_run(cfg: dict, threads: int | None = None) -> dict:
     """The same run as fedlt's Flower path, in this process: fedlt's own round loop and client step over the
     in-process grid (:mod:`fedlt.core.inprocess`), no Flower transport, no Ray. Returns timings and metrics."""
-    from functools import partial
-
     import torch
 
     from fedlt.core.client_step import configure_torch, handle, runtime
@@ -356,18 +360,47 @@ def plain_run(cfg: dict, threads: int | None = None) -> dict | None:
         torch.set_num_threads(old)
 
 
-def compare(cfg: dict, bare_threads: int | None, keep: str | None) -> dict:
+def one_path(path: str, cfg: dict, bare_threads: int | None, keep: str | None) -> dict | None:
+    """What a child process of :func:`compare` runs and prints: one path's results, JSON-safe."""
     from fedlt.flower.simulation import quiet_flower
 
     quiet_flower("ERROR")
-    with MemorySampler() as bare_mem:
-        bare = bare_run(cfg, bare_threads)
+    if path == "bare":
+        out = bare_run(cfg, bare_threads)
+        out.pop("final_arrays", None)
+        return out
+    if path == "flower":
+        return flower_run(cfg, Path(keep))
+    return plain_run(cfg, bare_threads)
+
+
+def _child(path: str, overrides: list[str], bare_threads: int | None = None,
+           keep: str | None = None) -> tuple[dict | None, MemorySampler]:
+    """Run one path in a fresh ``python -m fedlt.bench --one PATH`` process; sample that process tree's memory."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "fedlt.bench", "--one", path,
+           *(["--bare-threads", str(bare_threads)] if bare_threads else []), *(["--keep", keep] if keep else []),
+           *overrides]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    with MemorySampler(root=proc.pid) as mem:
+        stdout, _ = proc.communicate()
+    lines = stdout.splitlines()
+    for line in lines[:-1]:  # the run's own console lines
+        print(line, file=sys.stderr)
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"fedlt-bench: the {path} path failed (exit {proc.returncode}); its output is above")
+    return json.loads(lines[-1]), mem
+
+
+def compare(cfg: dict, bare_threads: int | None, keep: str | None, overrides: list[str] | None = None) -> dict:
+    """Bare, Flower and plain runs of ``cfg`` (composed from ``overrides``), each in a fresh child process."""
+    overrides = list(overrides or [])
     run_dir = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="fedlt-bench-"))
     run_dir.mkdir(parents=True, exist_ok=True)
-    with MemorySampler() as flower_mem:
-        flower = flower_run(cfg, run_dir)
-    with MemorySampler() as plain_mem:
-        plain = plain_run(cfg, bare_threads)
+    bare, bare_mem = _child("bare", overrides, bare_threads)
+    flower, flower_mem = _child("flower", overrides, keep=str(run_dir))
+    plain, plain_mem = _child("plain", overrides, bare_threads)
     match, diff = compare_rows(flower["rows"], bare["rows"])
     f_steady, b_steady = statistics.median(steady(flower["round_s"])), statistics.median(steady(bare["round_s"]))
     b = cfg["backend"]
@@ -385,7 +418,7 @@ def compare(cfg: dict, bare_threads: int | None, keep: str | None) -> dict:
         "flower_round_s": [round(v, 3) for v in flower["round_s"]],
         "bare_round_s": [round(v, 3) for v in bare["round_s"]],
         "peak_rss_mb": round(flower_mem.peak_rss), "peak_pss_mb": round(flower_mem.peak_pss),
-        "bare_peak_rss_mb": round(bare_mem.peak_rss),
+        "bare_peak_rss_mb": round(bare_mem.peak_rss), "bare_peak_pss_mb": round(bare_mem.peak_pss),
         "flower_cpu_s": round(flower_mem.cpu_s, 1), "bare_cpu_s": round(bare_mem.cpu_s, 1),
         "cpu_ratio": round(flower_mem.cpu_s / max(bare_mem.cpu_s, 1e-9), 3),
         "results_match": match, "max_metric_diff": diff,
@@ -407,7 +440,10 @@ def compare(cfg: dict, bare_threads: int | None, keep: str | None) -> dict:
             "flower_vs_plain_steady_round": round(f_train / p_steady, 3),
             "bare_vs_plain_steady_round": round(statistics.median(_train_rounds(bare["round_s"], cfg)) / p_steady, 3),
             "plain_steady_round_s": round(p_steady, 3), "flower_steady_train_round_s": round(f_train, 3),
-            "plain_peak_rss_mb": round(plain_mem.peak_rss),
+            "plain_peak_rss_mb": round(plain_mem.peak_rss), "plain_peak_pss_mb": round(plain_mem.peak_pss),
+            "plain_cpu_s": round(plain_mem.cpu_s, 1),  # includes imports and data preparation, as bare_cpu_s does
+            "bare_vs_plain_cpu": round(bare_mem.cpu_s / max(plain_mem.cpu_s, 1e-9), 3),
+            "flower_vs_plain_peak_pss": round(flower_mem.peak_pss / max(plain_mem.peak_pss, 1e-9), 3),
             "flower_vs_plain_peak_rss": round(flower_mem.peak_rss / max(plain_mem.peak_rss, 1e-9), 3),
             "plain_samples_per_round": plain["samples"], "plain_steps_per_round": plain["steps"],
             "flower_samples_per_round": work.get("train/samples"), "flower_steps_per_round": work.get("train/steps"),
@@ -471,7 +507,8 @@ def updates_benchmark(cfg: dict, fractional: bool = False, repeats: int = 3) -> 
 
     from fedlt.api.client import ClientContext
     from fedlt.core.client_step import client_view, configure_torch, device_for
-    from fedlt.core.cohort import train_cohort, unsupported_reasons
+    from fedlt.core.client_step import train_group
+    from fedlt.core.cohort import unsupported_reasons
     from fedlt.core.model import build_run_model
     from fedlt.data.federated import prepare
     from fedlt.seeding import INIT, TRAIN, derive_seed, torch_generator
@@ -485,9 +522,10 @@ def updates_benchmark(cfg: dict, fractional: bool = False, repeats: int = 3) -> 
     algo = server_cls.client_cls(cfg)
     torch.manual_seed(derive_seed(int(cfg["seed"]), INIT))
     model = build_run_model(cfg, plan, server_cls.client_cls).to(device)
+    model.load_state_dict(server_cls(cfg).frozen_arrays(model), strict=False)  # e.g. FedLoGe's SSE-C
     start = {k: v.detach().clone() for k, v in model.state_dict().items()}
     clients = server_cls(cfg).sample_clients(1)
-    budget = float(cfg["backend"].get("client_data_cache_mb", 512))
+    budget = float(cfg["backend"].get("client_data_cache_mb", 64))
     datas = [client_view(plan, c, budget) for c in clients]
 
     def sync():
@@ -507,8 +545,8 @@ def updates_benchmark(cfg: dict, fractional: bool = False, repeats: int = 3) -> 
 
     def batched() -> list[dict]:
         gens = [torch_generator(int(cfg["seed"]), TRAIN, 1, c) for c in clients]
-        states, _ = train_cohort(model, start, datas, gens, cfg, device)
-        sync()
+        states, _, _ = train_group(algo, model, start, [({}, {})] * len(clients), datas, gens, cfg, 1, device)
+        sync()  # train_group: what a train.cohort message runs (the strategy's batched hooks, first round)
         return states
 
     result: dict = {"mode": "updates", "strategy": cfg["strategy"]["name"], "dataset": cfg["dataset"]["name"],
@@ -578,6 +616,7 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
                         "each client actor uses)")
     p.add_argument("--device", default=None, help="cpu or cuda (sets backend.device)")
     p.add_argument("--keep", default=None, help="keep the Flower run's directory here")
+    p.add_argument("--one", choices=("bare", "flower", "plain"), default=None, help=argparse.SUPPRESS)
     return p.parse_known_args(argv)
 
 
@@ -597,8 +636,10 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         cfg = compose(default_overrides(overrides))
-        if args.mode == "compare":
-            out = compare(cfg, args.bare_threads, args.keep)
+        if args.one:  # a child process of compare(): one path, its results as JSON
+            out = one_path(args.one, cfg, args.bare_threads, args.keep)
+        elif args.mode == "compare":
+            out = compare(cfg, args.bare_threads, args.keep, default_overrides(overrides))
         elif args.mode == "flower":
             out = flower_only(cfg, args.keep)
         else:

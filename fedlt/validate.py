@@ -18,6 +18,9 @@ from fedlt.config import (ConfigError, check_bool, check_choice, check_float, ch
                           clients_per_round, fail, get, param_defaults)
 from fedlt.core.cohort import check_supported
 from fedlt.core.personalize import PersonalizationParams
+from fedlt.core.shared_eval import PATHS as PERSONALIZED_PATHS
+from fedlt.core.shared_eval import SHARED as SHARED_PATH
+from fedlt.core.shared_eval import problem as shared_eval_problem
 from fedlt.core.faults import FAULT_MODES, FAULT_PHASES, fault_modes
 from fedlt.data.local_testsets import LOCAL_TESTS
 from fedlt.data.longtail import PROFILES
@@ -47,14 +50,15 @@ TOP_LEVEL = ("seed", "num_clients", "num_rounds", "participation", "local_epochs
 SECTIONS = {
     "optimizer": ("lr", "momentum", "weight_decay"),
     "eval": ("every", "batch_size", "mask_absent_classes", "local_test", "holdout_fraction", "test_agnostic",
-             "posthoc", "decoupled"),
+             "posthoc", "decoupled", "personalized_path"),
     "checkpoint": ("every", "keep", "on_signal"),
     "server_data": ("per_class",),
     "fault_injection": ("probability", "mode", "phase"),
     "backend": ("name", "address", "num_cpus", "num_gpus", "num_cpus_per_client", "num_gpus_per_client", "device",
                 "torch_threads", "server_threads", "flush_denormal", "deterministic", "round_timeout_s",
                 "startup_timeout_s", "actor_max_restarts", "actor_task_retries", "min_clients_per_round",
-                "log_to_driver", "init_args", "client_data_cache_mb", "client_batching", "batching_group"),
+                "log_to_driver", "init_args", "client_data_cache_mb", "client_batching", "batching_group",
+                "malloc_arena_max"),
 }
 MIN_ROUND_TIMEOUT_S = 1.0  # below this every client "times out" before it could start
 
@@ -97,6 +101,7 @@ def validate(cfg: dict) -> dict:
     check_params(cfg, "strategy", server.params)
     server.validate_config(cfg)  # cross-option rules of the strategy (e.g. FedLoGe needs loss=ce)
     _decoupled(cfg, server)
+    _personalized_path(cfg, server)
     _feature_smote(cfg, server)
     if cfg["backend"].get("client_batching"):
         check_supported(cfg, server)
@@ -180,6 +185,8 @@ def _eval(cfg: dict) -> None:
     check_int(cfg, "eval.batch_size", 1)
     check_bool(cfg, "eval.mask_absent_classes")
     check_choice(cfg, "eval.local_test", LOCAL_TESTS)
+    if cfg["eval"].get("personalized_path") is not None:  # absent (run directories from before it): federated
+        check_choice(cfg, "eval.personalized_path", PERSONALIZED_PATHS)
     if "test_agnostic" in cfg["eval"]:
         check_bool(cfg, "eval.test_agnostic.enabled")
         ifs = get(cfg, "eval.test_agnostic.imbalance_factors")
@@ -230,6 +237,34 @@ def _linear_head_problem(cfg: dict, server, trained_head: bool = False) -> str:
         return problem
     finally:
         torch.random.set_rng_state(torch_state)
+
+
+def _personalized_path(cfg: dict, server) -> None:
+    """``eval.personalized_path=shared_backbone`` only where one backbone pass gives the federated records
+    (fedlt.core.shared_eval.problem, the model part checked on a tiny model of the same structure)."""
+    if cfg["eval"].get("personalized_path") != SHARED_PATH:
+        return
+    import torch
+
+    from fedlt.models import build_model
+
+    probe_cfg = {**cfg["model"], "name": "cnn", "width": 2, "feature_dim": 8}
+    probe_cfg.pop("widths", None)
+    torch_state = torch.random.get_rng_state()
+    try:
+        why = shared_eval_problem(cfg, server.client_cls,
+                                  server.client_cls.build_model(build_model(probe_cfg, 1, 3), cfg))
+    finally:
+        torch.random.set_rng_state(torch_state)
+    if why:
+        raise ConfigError(
+            f"invalid combination eval.personalized_path=shared_backbone with strategy={cfg['strategy']['name']}: "
+            f"{why}. The shared-backbone path scores every client's personalized predictors as heads on ONE pass "
+            f"of the global model's shared features over the balanced test split, so each client's predictor "
+            f"must be its own head on features no client changes (e.g. fedavg, fedprox, fedloge, fedrod, fedper, "
+            f"fedrep, fedbabu with strategy.finetune_epochs=0), with eval.local_test=proportional and without "
+            f"personalization fine-tuning or eval.decoupled; use eval.personalized_path=auto (it falls back to "
+            f"the federated path by itself) or federated.")
 
 
 def _feature_smote(cfg: dict, server) -> None:
@@ -315,6 +350,8 @@ def _backend(cfg: dict) -> None:
         check_float(cfg, "backend.client_data_cache_mb", 0.0)
     if "batching_group" in b:
         check_int(cfg, "backend.batching_group", 0)
+    if b.get("malloc_arena_max") is not None:
+        check_int(cfg, "backend.malloc_arena_max", 0)
     device = str(b.get("device", "auto"))
     if device not in ("auto", "cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
         fail("backend.device", b.get("device"), "allowed values are auto, cpu, cuda, cuda:N")

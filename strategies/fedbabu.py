@@ -63,6 +63,15 @@ class FedBABUClient(ClientAlgorithm):
         tuned.eval()
         return {"finetuned": tuned, "global": ctx.model}
 
+    def shared_features(self, model: nn.Module) -> nn.Module | None:
+        """Without fine-tuning (``finetune_epochs=0``) every client predicts with the global model itself
+        (eval.personalized_path); with it, each client's fine-tuned copy is its own: no shared features."""
+        return model if int(self.cfg["strategy"]["finetune_epochs"]) <= 0 else None
+
+    def personal_heads(self, ctx: ClientContext):
+        ctx.model.eval()
+        return {"global": lambda h: h}
+
 
 @dataclass(frozen=True)
 class Params:

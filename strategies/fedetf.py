@@ -56,7 +56,7 @@ from fedlt.api.client import ClientAlgorithm, ClientContext
 from fedlt.api.server import ServerAlgorithm
 from fedlt.seeding import INIT, derive_seed
 from fedlt.train.local import run_local_epochs, sgd, supervised_step
-from fedlt.train.losses import balanced_softmax
+from fedlt.train.losses import balanced_softmax, loss_terms
 from strategies._common import require_ce, require_linear_head
 
 ETF_STREAM = 1  # sub-stream of INIT that draws the ETF's random rotation
@@ -119,6 +119,11 @@ class FedETFClient(ClientAlgorithm):
 
     def loss_fn(self, ctx: ClientContext):
         return balanced_softmax(floored_counts(ctx.data.train_counts))
+
+    batched_ready = True  # client batching: the same balanced softmax as data (batched_terms)
+
+    def batched_terms(self, ctx: ClientContext) -> dict[str, torch.Tensor]:
+        return loss_terms({"name": "balanced_softmax"}, floored_counts(ctx.data.train_counts))
 
     def predictors(self, ctx: ClientContext):
         ctx.model.eval()

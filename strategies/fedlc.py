@@ -38,7 +38,7 @@ from fedlt.api.client import ClientAlgorithm, ClientContext
 from fedlt.api.server import ServerAlgorithm
 from fedlt.config import param
 from fedlt.data.federated import FederatedSplit
-from fedlt.train.losses import logit_calibration
+from fedlt.train.losses import logit_calibration, loss_terms
 from strategies._common import require_ce
 
 COUNTS = ("local", "global")
@@ -51,11 +51,18 @@ def split_train_counts(split_path: str) -> torch.Tensor:
 
 
 class FedLCClient(ClientAlgorithm):
+    batched_ready = True  # client batching: the same calibrated loss as data (batched_terms)
+
+    @staticmethod
+    def counts(ctx: ClientContext) -> torch.Tensor:
+        return (split_train_counts(ctx.data.plan.split_path) if ctx.strategy["counts"] == "global"
+                else ctx.data.train_counts.float())
+
     def loss_fn(self, ctx: ClientContext):
-        s = ctx.strategy
-        counts = (split_train_counts(ctx.data.plan.split_path) if s["counts"] == "global"
-                  else ctx.data.train_counts.float())
-        return logit_calibration(counts, tau=float(s["tau"]))
+        return logit_calibration(self.counts(ctx), tau=float(ctx.strategy["tau"]))
+
+    def batched_terms(self, ctx: ClientContext) -> dict[str, torch.Tensor]:
+        return loss_terms({"name": "logit_calibration", "tau": float(ctx.strategy["tau"])}, self.counts(ctx))
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ from fedlt.api.client import ClientAlgorithm, ClientContext, Predictor
 from fedlt.api.server import ServerAlgorithm
 from fedlt.seeding import derive_seed
 from fedlt.train.local import run_local_epochs, sgd
+from fedlt.train.losses import masked_loss
 from strategies._common import require_linear_head
 
 log = logging.getLogger("fedlt")
@@ -294,20 +295,59 @@ class FedLoGeClient(ClientAlgorithm):
         steps = max(out["train/steps"], 1.0)
         return {**out, **{k: v / steps for k, v in head_losses.items()}}
 
+    # client batching (backend.client_batching): the same update as ``train``, for all clients at once
+    batched_ready = True
+
+    def batched_begin(self, ctx: ClientContext) -> None:
+        if not bool(ctx.model.sse_c.weight.any()):
+            raise RuntimeError("FedLoGe client has no SSE-C: the server's frozen arrays were never received")
+        self.ensure_personal_head(ctx)
+
+    def batched_terms(self, ctx: ClientContext) -> dict[str, torch.Tensor]:
+        return {}  # plain cross-entropy everywhere, as in ``train``
+
+    def batched_groups(self, model: nn.Module, cfg: dict) -> list[tuple[tuple[str, ...], dict]]:
+        """``train``'s three SGD optimizers: the backbone with the run's optimizer, psi and phi_k with its lr and
+        momentum and no weight decay (the SSE-C is frozen: no group)."""
+        head_cfg = {**cfg["optimizer"], "weight_decay": 0.0}
+        return [(("backbone.",), cfg["optimizer"]), (("global_head.",), head_cfg), (("personal_head.",), head_cfg)]
+
+    def batched_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
+                     terms: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One batch of ``train``: the sum of CE(SSE-C(h)) (reaches the backbone only: the SSE-C is frozen),
+        CE(psi(h.detach())) and CE(phi_k(h.detach())) (reach only their head), on the same pre-step features h,
+        so each group's gradient is the one its own optimizer steps with in ``train``."""
+        h = model.backbone(x)
+        loss = masked_loss(terms, model.sse_c(h), y, weight)
+        h = h.detach()
+        global_loss = masked_loss(terms, model.global_head(h), y, weight)
+        personal_loss = masked_loss(terms, model.personal_head(h), y, weight)
+        return loss + global_loss + personal_loss, {"train/loss": loss, "train/global_head_loss": global_loss,
+                                                    "train/personal_head_loss": personal_loss}
+
+    def batched_end(self, ctx: ClientContext) -> None:
+        ctx.state[self.PERSONAL_READY] = torch.ones(1)
+
     def predictors(self, ctx: ClientContext) -> dict[str, Predictor]:
         """Personalized models: GLA-FR phi_k + phi'_k (primary, the final method), phi_k + psi (the official
-        training loop's PM), and the universal SSE-C model. One backbone pass serves all three."""
+        training loop's PM), and the universal SSE-C model: the heads of ``personal_heads`` on the backbone's
+        features. One backbone pass serves all three."""
+        feats = FeatureCache(ctx.model.eval().backbone)
+        return {name: (lambda x, head=head: head(feats(x))) for name, head in self.personal_heads(ctx).items()}
+
+    def shared_features(self, model: nn.Module) -> nn.Module:
+        """The backbone: every client's predictors are heads on its features (eval.personalized_path)."""
+        return model.backbone
+
+    def personal_heads(self, ctx: ClientContext) -> dict[str, Predictor]:
+        """The three personalized predictors as heads on the backbone's features h (phi_k is this client's)."""
         self.ensure_personal_head(ctx)
         model = ctx.model.eval()
-        feats = FeatureCache(model.backbone)
         psi, phi = model.global_head, model.personal_head
         phi_prime = linear(*norm_transfer(psi.weight.detach(), psi.bias.detach(), phi.weight.detach(),
                                           bool(ctx.strategy.get("transfer_normalised_psi", False))))
-        return {
-            "gla_fr": lambda x: phi(h := feats(x)) + phi_prime(h),
-            "phi_plus_psi": lambda x: phi(h := feats(x)) + psi(h),
-            "sse_c": lambda x: model.sse_c(feats(x)),
-        }
+        return {"gla_fr": lambda h: phi(h) + phi_prime(h), "phi_plus_psi": lambda h: phi(h) + psi(h),
+                "sse_c": model.sse_c}
 
 
 # ============================================================================================ server

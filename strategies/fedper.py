@@ -35,6 +35,20 @@ class FedPerClient(ClientAlgorithm):
         self.publish_head(ctx.model)
         return metrics
 
+    def shared_features(self, model: nn.Module) -> nn.Module:
+        """The shared body: the predictor (the whole model) is the personal head on its features
+        (eval.personalized_path)."""
+        return model.backbone
+
+    def personal_heads(self, ctx: ClientContext):
+        ctx.model.eval()
+        return {"model": ctx.model.head}
+
+    batched_ready = True  # client batching: the default batched step, then publish_head (batched_end)
+
+    def batched_end(self, ctx: ClientContext) -> None:
+        self.publish_head(ctx.model)
+
     @staticmethod
     def publish_head(model: nn.Module) -> None:
         """Copy the personal head into ``averaged_head`` (uploaded; averaged on the server for generic use)."""

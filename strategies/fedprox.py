@@ -27,6 +27,25 @@ class FedProxClient(FedAvgClient):
         return self.local_epochs(ctx, ctx.model, params, extra=proximal if mu > 0 else None)
 
 
+    # client batching (backend.client_batching): the same proximal step, for all clients at once
+    batched_ready = True
+    ANCHOR = "anchor/"  # batched_terms keys of the start weights
+
+    def batched_terms(self, ctx) -> dict[str, torch.Tensor]:
+        terms = super().batched_terms(ctx)
+        terms.update({self.ANCHOR + n: p.detach().clone() for n, p in ctx.model.named_parameters()
+                      if p.requires_grad})
+        return terms
+
+    def batched_loss(self, model, x, y, weight, terms):
+        loss, _ = super().batched_loss(model, x, y, weight, terms)
+        mu = float(self.cfg["strategy"]["mu"])
+        if mu > 0:
+            loss = loss + 0.5 * mu * sum(((p - terms[self.ANCHOR + n]) ** 2).sum()
+                                         for n, p in model.named_parameters() if self.ANCHOR + n in terms)
+        return loss, {"train/loss": loss}
+
+
 @dataclass(frozen=True)
 class Params(FedAvgParams):
     mu: float = param(0.01, "proximal strength (the FedLoGe baselines use 0.01)", lo=0.0)

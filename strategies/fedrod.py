@@ -24,7 +24,7 @@ from torch import nn
 from fedlt.api.client import ClientAlgorithm, ClientContext
 from fedlt.api.server import NoParams, ServerAlgorithm
 from fedlt.train.local import run_local_epochs, sgd
-from fedlt.train.losses import balanced_softmax
+from fedlt.train.losses import balanced_softmax, loss_terms, masked_loss
 from strategies._common import require_ce
 
 
@@ -58,6 +58,20 @@ class FedRoDClient(ClientAlgorithm):
         return run_local_epochs(ctx.data, int(ctx.cfg["local_epochs"]), int(ctx.cfg["batch_size"]), ctx.generator,
                                 step, ctx.device)
 
+    # client batching (backend.client_batching): the same step, for all clients at once
+    batched_ready = True
+
+    def batched_terms(self, ctx: ClientContext) -> dict[str, torch.Tensor]:
+        return loss_terms({"name": "balanced_softmax"}, ctx.data.train_counts.float())
+
+    def batched_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
+                     terms: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        f = model.features(x)
+        generic = model.head(f)
+        personal = model.personal_head(f.detach())
+        loss = masked_loss(terms, generic, y, weight) + masked_loss({}, generic.detach() + personal, y, weight)
+        return loss, {"train/loss": loss}
+
     def predictors(self, ctx: ClientContext):
         model = ctx.model.eval()
 
@@ -66,6 +80,14 @@ class FedRoDClient(ClientAlgorithm):
             return model.head(f) + model.personal_head(f)
 
         return {"personal": personal, "generic_head": model}
+
+    def shared_features(self, model: nn.Module) -> nn.Module:
+        """The body: both predictors are heads on its features (eval.personalized_path)."""
+        return model.backbone
+
+    def personal_heads(self, ctx: ClientContext):
+        model = ctx.model.eval()
+        return {"personal": lambda f: model.head(f) + model.personal_head(f), "generic_head": model.head}
 
 
 class Server(ServerAlgorithm):

@@ -89,6 +89,7 @@ CASES = [
     ("secagg-strategy", ["privacy.secagg=true", "strategy=scaffold"], "privacy.secagg=true with strategy=scaffold"),
     ("local-epochs-0", ["local_epochs=0"], "local_epochs=0"),
     ("server-threads-0", ["backend.server_threads=0"], "backend.server_threads=0"),
+    ("malloc-arenas-negative", ["backend.malloc_arena_max=-1"], "backend.malloc_arena_max=-1"),
     ("round-timeout-tiny", ["backend.round_timeout_s=0.001"], "backend.round_timeout_s=0.001"),
     ("num-cpus-above-machine", ["backend.num_cpus=4096"], "backend.num_cpus=4096"),
     ("plus-unknown-key", ["+anything=1"], "anything"),
@@ -103,6 +104,9 @@ CASES = [
     ("decoupled-no-linear-head", ["strategy=fedloge", "eval.decoupled.enabled=true"],
      "eval.decoupled.enabled=true with strategy=fedloge"),
     ("smote-without-decoupled", ["eval.decoupled.smote_ratio=0.5"], "eval.decoupled.smote_ratio=0.5"),
+    ("personalized-path-unknown", ["eval.personalized_path=fast"], "eval.personalized_path='fast'"),
+    ("personalized-path-ditto", ["strategy=ditto", "eval.personalized_path=shared_backbone"],
+     "eval.personalized_path=shared_backbone with strategy=ditto"),
     ("feature-smote-strategy", ["feature_smote.ratio=1.0", "strategy=scaffold"],
      "feature_smote.ratio=1.0 with strategy=scaffold"),
 ]

@@ -28,7 +28,7 @@ from fedlt.privacy.params import DPSGD
 from fedlt.privacy.params import mode as privacy_mode
 from fedlt.train import feature_smote
 from fedlt.train.local import run_local_epochs, sgd, supervised_step
-from fedlt.train.losses import build_loss
+from fedlt.train.losses import build_loss, loss_terms, masked_loss
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
 
@@ -84,6 +84,22 @@ class ClientAlgorithm:
         evaluate exchange per evaluation round (the "eval-uploads" pass) whose replies go to
         :meth:`fedlt.api.server.ServerAlgorithm.after_eval_uploads`; the default (no override) costs nothing.
         They are uploads besides the model update: declare them in ``extra_uploads`` too (DP refuses the run).
+      * ``shared_features(model)`` / ``personal_heads(ctx)`` -- the split of ``predictors`` that lets the server
+        score every client's predictors on ONE backbone pass over the balanced test split
+        (``eval.personalized_path``, :mod:`fedlt.core.shared_eval`): ``shared_features`` returns the submodule
+        of the global model every predictor starts from (its output h), or None when there is no such split;
+        ``personal_heads`` returns {name: fn(h) -> logits} such that ``predictors(ctx)[name](x) ==
+        personal_heads(ctx)[name](shared_features(ctx.model)(x))``, same names, same order. The default (whole
+        model, identity head) matches the default ``predictors``. A class that overrides ``predictors`` must
+        override ``personal_heads`` in the same class (or below) or it stays on the federated path; the
+        submodule must hold no personal array (checked). On that path ``ctx.model`` holds this client's
+        personal state, ``ctx.state`` its extra state, and ``ctx.data`` its labels and counts but no images.
+      * ``batched_ready`` and the ``batched_*`` hooks -- the same local update written for client batching
+        (``backend.client_batching``, :mod:`fedlt.core.cohort`: a round's clients trained as ONE vmapped
+        computation). The default hooks are ``train``'s plain local SGD with ``loss=``. A class that overrides
+        ``train`` or ``loss_fn`` sets ``batched_ready = True`` in its own body only when its ``batched_*`` hooks
+        reproduce that update (tests/core/test_cohort.py checks batched == sequential for every strategy);
+        otherwise client batching is refused for it, naming the method.
     """
 
 
@@ -91,6 +107,7 @@ class ClientAlgorithm:
     frozen_prefixes: tuple[str, ...] = ()
     extra_uploads: str = ""
     dp_sgd_ready: bool = True  # read from the class that defines ``train`` (fedlt.validate; see above)
+    batched_ready: bool = True  # read from the classes that define ``train`` and ``loss_fn`` (fedlt.core.cohort)
 
     # ------------------------------------------------------------------ what travels (the one rule)
     @classmethod
@@ -146,6 +163,44 @@ class ClientAlgorithm:
         ctx.model.train()
         return self.local_epochs(ctx, ctx.model, [p for p in ctx.model.parameters() if p.requires_grad])
 
+    # ------------------------------------------------------------- client batching (backend.client_batching)
+    def batched_begin(self, ctx: ClientContext) -> None:
+        """Client batching: what ``train`` does for this client before its first batch (e.g. initialise a
+        personal head). ``ctx.model`` holds the client's start state; only personal state and ``ctx.state`` may
+        change here (the shared start state is the same for every client of the cohort)."""
+
+    def batched_terms(self, ctx: ClientContext) -> dict[str, torch.Tensor]:
+        """Client batching: this client's tensors for :meth:`batched_loss` (stacked over the cohort and vmapped;
+        the same keys and shapes for every client). Default: ``loss=`` as data
+        (:func:`fedlt.train.losses.loss_terms` on the client's counts and the round), what ``loss_fn`` builds."""
+        return loss_terms(ctx.cfg.get("loss"), counts=ctx.data.train_counts.float(), round=ctx.round,
+                          num_rounds=int(ctx.cfg["num_rounds"]))
+
+    def batched_groups(self, model: nn.Module, cfg: dict) -> list[tuple[tuple[str, ...], dict]]:
+        """Client batching: the parameter groups of the local update, (key prefixes, optimizer settings {lr,
+        momentum, weight_decay}), one SGD per group as in ``train`` (disjoint groups with their own SGD are one
+        optimizer with per-group settings). A trainable parameter goes to the first group whose prefixes match
+        (``()``: every one); one in no group is not trained. Default: every trainable parameter, ``optimizer``."""
+        return [((), cfg["optimizer"])]
+
+    def batched_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
+                     terms: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Client batching: ONE client's batch, as a pure function run under ``torch.func`` (grad, vmap over
+        the cohort). ``model`` holds this client's parameters and buffers (call it and its submodules as
+        usual; BatchNorm updates this client's statistics); ``x``/``y`` the batch padded to ``batch_size`` with
+        ``weight`` 1 for real samples, 0 for padding (reduce with it: :func:`fedlt.train.losses.masked_loss`);
+        ``terms`` this client's :meth:`batched_terms`. Returns (objective, metrics): the gradient of the
+        objective w.r.t. each trained parameter must be what ``train`` steps that parameter with on this batch
+        (losses of other groups reach it only through ``detach``), and ``metrics`` (scalars, averaged over the
+        steps) should hold what ``train`` reports, "train/loss" first. No data-dependent Python control flow,
+        no ``.item()``."""
+        loss = masked_loss(terms, model(x), y, weight)
+        return loss, {"train/loss": loss}
+
+    def batched_end(self, ctx: ClientContext) -> None:
+        """Client batching: what ``train`` does for this client after its last batch (e.g. copy a head, mark
+        ``ctx.state``); ``ctx.model`` holds the client's trained state."""
+
     # -------------------------------------------------------------------------------------- evaluation
     def eval_uploads(self, ctx: ClientContext) -> dict[str, torch.Tensor]:
         """Arrays this client sends in the eval-uploads pass of an evaluation round (see the class docstring):
@@ -161,3 +216,14 @@ class ClientAlgorithm:
     def predictors(self, ctx: ClientContext) -> dict[str, Predictor]:
         ctx.model.eval()
         return {"model": ctx.model}
+
+    def shared_features(self, model: nn.Module) -> nn.Module | None:
+        """The submodule of ``model`` whose output every personalized predictor starts from, the same for every
+        client (see the class docstring); None = no such split (the federated path). Default: the whole model."""
+        return model
+
+    def personal_heads(self, ctx: ClientContext) -> dict[str, Predictor]:
+        """This client's ``predictors`` as functions of ``shared_features(ctx.model)``'s output (see the class
+        docstring). Default: the identity (the default predictor is the whole model)."""
+        ctx.model.eval()
+        return {"model": lambda h: h}

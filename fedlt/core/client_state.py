@@ -26,6 +26,12 @@ RECORDS = (PERSONAL, STATE)
 MODE_KEY = "fedlt.client-state"  # message config key; value "server" = state travels with the messages
 
 
+def cohort_key(name: str, client: int) -> str:
+    """The record name of one client's record ``name`` in a client-batching (``train.cohort``) message and its
+    reply, which carry the records of every client of the group."""
+    return f"{name}/{client}"
+
+
 def server_held(msg: Message) -> bool:
     """Does this message carry (and its reply return) the client's state?"""
     return "config" in msg.content and msg.content["config"].get(MODE_KEY) == "server"
@@ -44,13 +50,25 @@ class ClientStateStore:
             msg.content[name] = rec
         return msg
 
+    def attach_cohort(self, msg: Message, clients: Iterable[int]) -> Message:
+        """Add the records of every client of a client-batching group (under :func:`cohort_key` names)."""
+        msg.content["config"][MODE_KEY] = "server"
+        for client in clients:
+            for name, rec in self.records.get(client, {}).items():
+                msg.content[cohort_key(name, client)] = rec
+        return msg
+
     def collect(self, replies: Iterable[Message], client_of: Callable[[Message], int]) -> None:
         """Take the updated records out of accepted train replies (so the rest is a plain Flower reply with one
-        ArrayRecord and one MetricRecord, as Flower's aggregation expects)."""
+        ArrayRecord and one MetricRecord, as Flower's aggregation expects); a cohort reply's per-client records
+        go to their clients."""
         for r in replies:
             recs = {name: r.content.pop(name) for name in RECORDS if name in r.content}
             if recs:
                 self.records.setdefault(client_of(r), {}).update(recs)
+            for key in [k for k in r.content.keys() if k.partition("/")[0] in RECORDS and "/" in k]:
+                name, _, client = key.partition("/")
+                self.records.setdefault(int(client), {})[name] = r.content.pop(key)
 
     # ----------------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[int, dict[str, dict[str, torch.Tensor]]]:

@@ -29,13 +29,13 @@ from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, R
 
 from fedlt.api.client import ClientAlgorithm, ClientContext
 from fedlt.core import personalize
-from fedlt.core.client_state import PERSONAL, STATE, server_held
-from fedlt.core.cohort import average_states, train_cohort
+from fedlt.core.client_state import PERSONAL, STATE, cohort_key, server_held
+from fedlt.core.cohort import CLIENT_REPLIES, average_states, client_record_names, train_cohort
 from fedlt.core.faults import act_out_fault
 from fedlt.core.model import build_run_model
 from fedlt.data.federated import ClientData, DataPlan, client_data
 from fedlt.eval.posthoc import with_prior_correction
-from fedlt.eval.predict import absent_class_mask, apply_mask, local_eval_record, predict_logits
+from fedlt.eval.predict import client_eval_record, predict_logits
 from fedlt.privacy import CENTRAL, DPSGD
 from fedlt.privacy import enabled as privacy_enabled
 from fedlt.privacy import mode as privacy_mode
@@ -125,7 +125,7 @@ _VIEWS: OrderedDict[tuple[DataPlan, int], ClientData] = OrderedDict()
 _VIEW_BYTES = 0
 
 
-def client_view(plan: DataPlan, cid: int, budget_mb: float = 512) -> ClientData:
+def client_view(plan: DataPlan, cid: int, budget_mb: float = 64) -> ClientData:
     """``client_data(plan, cid)`` kept in a per-process LRU of at most ``budget_mb`` (backend.client_data_cache_mb):
     slicing the memory-mapped arrays and normalising the local test set cost more than a small client's whole
     evaluation. Cached views are shared between messages: algorithms must not modify ``ctx.data`` in place."""
@@ -149,7 +149,7 @@ def _nbytes(d: ClientData) -> int:
 
 
 def view_of(rt: ClientRuntime, cid: int) -> ClientData:
-    return client_view(rt.plan, cid, float(rt.cfg["backend"].get("client_data_cache_mb", 512)))
+    return client_view(rt.plan, cid, float(rt.cfg["backend"].get("client_data_cache_mb", 64)))
 
 
 # ------------------------------------------------------------------------------------ the client step
@@ -258,15 +258,11 @@ def evaluate(rt: ClientRuntime, msg: Message, context: Context) -> Message:
     if msg.content["config"].get(DECOUPLED_GENERIC):  # eval.decoupled's generic cRT/LWS, from the global model
         heads = generic_uploads(ctx.model, data, rt.cfg, ctx.round, rt.device)  # before any predictor runs
         content["arrays"] = ArrayRecord({k: v.detach().cpu().clone() for k, v in heads.items()})
-    mask = absent_class_mask(data.test_counts)
-    record: dict = {"num-examples": int(data.test_y.numel()), "client-id": data.client_id,
-                    "total": data.test_counts.tolist(), "train-total": data.train_counts.tolist()}
     batch = int(rt.cfg["eval"]["batch_size"])
-    for name, fn in predictors_of(rt.algorithm, ctx).items():
-        logits = predict_logits(fn, data.test_x, batch, rt.device)
-        for variant, lg in (("unmasked", logits), ("masked", apply_mask(logits, mask))):
-            record.update(local_eval_record(lg, data.test_y, rt.plan.num_classes, f"{name}/{variant}"))
-    content["metrics"] = MetricRecord(record)
+    logits = ((name, predict_logits(fn, data.test_x, batch, rt.device))
+              for name, fn in predictors_of(rt.algorithm, ctx).items())
+    content["metrics"] = MetricRecord(client_eval_record(data.client_id, data.test_y, data.test_counts,
+                                                         data.train_counts, rt.plan.num_classes, logits))
     return Message(content, reply_to=msg)
 
 
@@ -283,21 +279,44 @@ def eval_uploads(rt: ClientRuntime, ctx: ClientContext, msg: Message) -> Message
 
 
 def train_cohort_message(rt: ClientRuntime, msg: Message, context: Context) -> Message:
-    """Client batching: the clients listed in the message trained together (:func:`fedlt.core.cohort.train_cohort`)
-    from the same start state; the reply is their sample-weighted average (non-finite clients left out and
-    counted) and summed metrics, one reply standing for the whole group."""
-    cfg, seed = rt.cfg, int(rt.cfg["seed"])
+    """Client batching: the clients listed in the message trained together (:func:`fedlt.core.cohort.train_cohort`
+    with the algorithm's batched hooks). Each client starts as :func:`train` starts it (frozen -> global ->
+    its own personal state, then ``batched_begin``) and ends as :func:`train` ends it (``batched_end``; its
+    personal arrays and extra state go back under its own record names, :func:`fedlt.core.client_state.cohort_key`).
+    The reply is the group's sample-weighted average of the shared arrays (non-finite clients left out, counted,
+    and their state left unchanged) and summed metrics, one reply standing for the whole group."""
+    cfg, seed, algo = rt.cfg, int(rt.cfg["seed"]), rt.algorithm
     rnd = int(msg.content["config"]["server-round"])
     group = [int(c) for c in msg.content["config"]["cohort"]]
-    start = {k: v.detach().clone() for k, v in rt.init_state.items()}
+    held = server_held(msg)
+    if not held and type(algo).personal_prefixes:
+        raise RuntimeError("client batching of a strategy with per-client state needs the state held by the server "
+                           "(fedlt.core.client_state): a cohort node cannot hold other clients' state")
+    base = {k: v.detach().clone() for k, v in rt.init_state.items()}
     for rec in start_state(rt, msg, context):
-        start.update(rec.to_torch_state_dict())
-    datas = [view_of(rt, c) for c in group]
+        base.update(rec.to_torch_state_dict())
+    datas = [with_sampler(view_of(rt, c), cfg, rnd) for c in group]
     gens = [torch_generator(seed, TRAIN, rnd, c) for c in group]
     torch.manual_seed(derive_seed(seed, TRAIN, rnd, group[0]))
     t0 = time.monotonic()
-    states, metrics = train_cohort(rt.model, start, datas, gens, cfg, rt.device)
-    shared_keys = [k for k in start if rt.algorithm.is_shared(k)]
+    records = [(msg.content[cohort_key(PERSONAL, c)].to_torch_state_dict()
+                if held and cohort_key(PERSONAL, c) in msg.content else {},
+                dict(msg.content[cohort_key(STATE, c)].to_torch_state_dict())
+                if held and cohort_key(STATE, c) in msg.content else {}) for c in group]
+    states, extra, metrics = train_group(algo, rt.model, base, records, datas, gens, cfg, rnd, rt.device)
+    if not held and any(extra):
+        raise RuntimeError("client batching of a strategy that keeps extra client state (ctx.state) needs the state "
+                           "held by the server (fedlt.core.client_state)")
+    shared_keys = [k for k in base if algo.is_shared(k)]
+    content = RecordDict()
+    for c, sd, state in zip(group, states, extra, strict=True):
+        if not held or not all(torch.isfinite(sd[k]).all() for k in shared_keys if sd[k].is_floating_point()):
+            continue  # a non-finite client is dropped below, its state unchanged
+        personal = {k: v for k, v in sd.items() if algo.is_personal(k)}
+        if personal:
+            content[cohort_key(PERSONAL, c)] = ArrayRecord(personal)
+        if state:
+            content[cohort_key(STATE, c)] = ArrayRecord(state)
     ok = [i for i, sd in enumerate(states)
           if all(torch.isfinite(sd[k]).all() for k in shared_keys if sd[k].is_floating_point())]
     if not ok:
@@ -305,16 +324,66 @@ def train_cohort_message(rt: ClientRuntime, msg: Message, context: Context) -> M
     weights = [datas[i].num_train for i in ok]
     total = sum(weights)
     record = {"num-examples": total, "client-id": group[0], "num-clients": len(ok),
-              "failed-clients": len(group) - len(ok), "train/time_s": time.monotonic() - t0,
-              "train/loss": sum(metrics[i]["train/loss"] * w for i, w in zip(ok, weights, strict=True)) / total,
-              "train/steps": float(sum(metrics[i]["train/steps"] for i in ok))}
+              "failed-clients": len(group) - len(ok), "train/time_s": time.monotonic() - t0}
+    for key in metrics[ok[0]]:  # means over the clients weighted as train/loss is in the round's row; counts summed
+        if key in ("train/steps", "train/samples"):
+            record[key] = float(sum(metrics[i][key] for i in ok))
+        else:
+            record[key] = sum(metrics[i][key] * w for i, w in zip(ok, weights, strict=True)) / total
+    if msg.content["config"].get(CLIENT_REPLIES):  # the server aggregates by itself: every client's own reply
+        content["metrics"] = MetricRecord(record)  # the first metric record: the round loop's client_of
+        sent, config = msg.content["arrays"], msg.content["config"]
+        buffers = {k for k, _ in rt.model.named_buffers()}
+        for i in ok:
+            shared = {k: states[i][k] for k in shared_keys}
+            rec = {**metrics[i], "num-examples": datas[i].num_train, "client-id": group[i]}
+            if privacy_enabled(cfg):  # as train() protects it: clipped (dp_local: noised) with this client's id
+                rec.update(protect_update(cfg, sent, shared, {}, config, rnd, group[i], buffers))
+            arrays_name, metrics_name = client_record_names(group[i])
+            content[arrays_name], content[metrics_name] = ArrayRecord(shared), MetricRecord(rec)
+        return Message(content, reply_to=msg)
     if privacy_enabled(cfg):  # client-level DP: every client's update is protected before the group's reply
         avg, protected = protected_cohort(rt, msg, [states[i] for i in ok], [group[i] for i in ok], weights,
                                           shared_keys)
         record.update(protected)
     else:
         avg = average_states([states[i] for i in ok], weights, shared_keys)
-    return Message(RecordDict({"arrays": ArrayRecord(avg), "metrics": MetricRecord(record)}), reply_to=msg)
+    content["arrays"] = ArrayRecord(avg)
+    content["metrics"] = MetricRecord(record)
+    return Message(content, reply_to=msg)
+
+
+def train_group(algo: ClientAlgorithm, model: torch.nn.Module, base: dict, records: list[tuple[dict, dict]],
+                datas: list, gens: list, cfg: dict, rnd: int, device: str
+                ) -> tuple[list[dict], list[dict], list[dict]]:
+    """The clients of a cohort from the shared start state ``base`` (initial -> frozen -> global) and each one's
+    (personal arrays, extra state) ``records``, as :func:`train` runs each of them: load its personal arrays,
+    ``batched_begin``, then ONE vectorised update of all (:func:`fedlt.core.cohort.train_cohort`), then per client
+    ``batched_end`` on its trained state. Returns each client's final state dict and extra state (CPU copies) and
+    its metrics."""
+    model.load_state_dict(base)  # once: per client only the personal keys change (batched_begin's contract)
+    base_personal = {k: v for k, v in base.items() if algo.is_personal(k)}
+    starts, terms, ctxs = [], [], []
+    for data, gen, (personal, state) in zip(datas, gens, records, strict=True):
+        if base_personal:
+            model.load_state_dict({**base_personal, **personal}, strict=False)
+        ctx = ClientContext(model=model, data=data, cfg=cfg, round=rnd, generator=gen, state=dict(state),
+                            device=device)
+        algo.batched_begin(ctx)
+        sd = model.state_dict()
+        starts.append({k: sd[k].detach().clone() if k in base_personal else base[k] for k in base})
+        terms.append(algo.batched_terms(ctx))
+        ctxs.append(ctx)
+    states, metrics = train_cohort(model, starts, datas, gens, cfg, device, round=rnd, algorithm=algo, terms=terms)
+    ends = type(algo).batched_end is not ClientAlgorithm.batched_end
+    extra = []
+    for i, ctx in enumerate(ctxs):
+        if ends:
+            model.load_state_dict(states[i])
+            algo.batched_end(ctx)
+            states[i] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        extra.append({k: v.detach().cpu().clone() for k, v in ctx.state.items()})
+    return states, extra, metrics
 
 
 def protected_cohort(rt: ClientRuntime, msg: Message, states: list[dict], clients: list[int], weights: list[int],

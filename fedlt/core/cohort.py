@@ -11,53 +11,62 @@ data sizes differ simply train during fewer steps (the stacks are ordered and th
 clients training at a step are a prefix), and short batches are padded and masked, so each step stays one call
 with no host round trip.
 
-Supported: strategies whose clients run the default local SGD (``ClientAlgorithm.train``, no own ``loss_fn``)
-with ``loss=ce``, keep no personal state, and whose server side averages (no custom ``aggregate`` /
-``after_aggregate``) -- e.g. ``fedavg``, with any client sampler except the round-dependent ``progressive``. Anything
-else is refused before Ray starts (:func:`unsupported_reasons`, called by ``fedlt.validate``).
+What a client does per batch is its algorithm's batched hooks (``fedlt.api.client.ClientAlgorithm``:
+``batched_loss`` -- one client's batch as a pure function returning the objective whose gradient each parameter
+group steps with --, ``batched_groups`` -- the SGD settings of each parameter group, ``batched_terms`` -- the
+client's own loss tensors, e.g. ``loss=`` parameters from its class counts, stacked over clients --, and
+``batched_begin`` / ``batched_end`` around it). The defaults are plain local SGD with ``loss=`` (every loss of
+``fedlt.train.losses`` has a vectorised form). Frozen arrays are loaded and never trained or uploaded; personal
+arrays are stacked per client, loaded from and saved back to each client's own server-held records; the reply
+carries only shared arrays. Strategies that override ``train`` or ``loss_fn`` without declaring a batched form
+(``batched_ready = True`` in the overriding class) are refused before Ray starts (:func:`unsupported_reasons`,
+called by ``fedlt.validate``), naming the method; so are servers with ``round_arrays``. Servers with their own
+``aggregate`` / ``after_aggregate`` get every client's own reply (:func:`needs_client_replies`).
 
 With client batching the round loop sends one ``train.cohort`` message per group of sampled clients
 (:func:`cohorts`) instead of one per client; the client step (``fedlt.core.client_step.train_cohort_message``)
 trains the group with :func:`train_cohort` and replies with the group's sample-weighted average, which the
 server averages again by sample count: the same weighted mean (up to float rounding) with far fewer messages.
-"""
+For a server that aggregates by itself, the reply carries each client's shared arrays and metrics instead, and
+the round loop unpacks them into one reply per client (:func:`client_replies`)."""
 
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.nn.functional as F
 from torch.func import functional_call, grad_and_value, vmap
 
 from fedlt.config import ConfigError
 from fedlt.data.augment import crop_flip, to_float
 
 # --------------------------------------------------------------------------------------------- support
+def _owner(cls: type, name: str) -> type:
+    """The class in ``cls``'s MRO whose own body defines ``name``."""
+    return next(c for c in cls.__mro__ if name in c.__dict__)
+
+
 def unsupported_reasons(server_cls, cfg: dict) -> list[str]:
     """Why ``server_cls`` cannot be trained with client batching under ``cfg`` (empty: it can)."""
-    from fedlt.api.client import ClientAlgorithm
     from fedlt.api.server import ServerAlgorithm
+    from fedlt.train.losses import loss_terms
 
     algo = server_cls.client_cls
     reasons = []
-    if algo.train is not ClientAlgorithm.train:
-        reasons.append("its clients run their own train() instead of the default local SGD")
-    if algo.loss_fn is not ClientAlgorithm.loss_fn:
-        reasons.append("its clients train with their own loss_fn() (the vectorised step is plain cross-entropy)")
-    if algo.personal_prefixes:
-        reasons.append("its clients keep personal model state")
-    for hook in ("aggregate", "after_aggregate", "round_arrays"):
-        if getattr(server_cls, hook) is not getattr(ServerAlgorithm, hook):
-            reasons.append(f"its server overrides {hook}()")
-    loss = (cfg.get("loss") or {}).get("name", "ce")
-    if loss != "ce":
-        reasons.append(f"loss={loss} (only ce)")
-    from fedlt.train.samplers import NEEDS_ROUND, sampler_name
-
-    if sampler_name(cfg) in NEEDS_ROUND:  # train_cohort(round=...) takes it; the cohort message step does not pass it
-        reasons.append(f"sampler={sampler_name(cfg)} moves its class mix over the rounds, and the cohort trainer "
-                       f"is not told the round")
+    for method in ("train", "loss_fn"):
+        owner = _owner(algo, method)
+        if not owner.__dict__.get("batched_ready", False):
+            reasons.append(f"its clients run their own {method}() ({owner.__name__}.{method}) with no batched form "
+                           f"(the ClientAlgorithm.batched_* hooks, declared by batched_ready = True in "
+                           f"{owner.__name__})")
+    if server_cls.round_arrays is not ServerAlgorithm.round_arrays:
+        reasons.append("its server overrides round_arrays() (extra arrays per round, which a cohort message does "
+                       "not carry)")
+    loss = dict(cfg.get("loss") or {"name": "ce"})
+    try:
+        loss_terms(loss, counts=torch.ones(2), round=1, num_rounds=1)
+    except ValueError:
+        reasons.append(f"loss={loss.get('name')} has no vectorised form (fedlt.train.losses.loss_terms)")
     return reasons
 
 
@@ -67,9 +76,9 @@ def check_supported(cfg: dict, server_cls) -> None:
     if reasons:
         raise ConfigError(
             f"invalid value backend.client_batching=true for strategy={cfg['strategy']['name']}: client batching "
-            f"vectorises plain local SGD of clients without personal state and averages them with FedAvg, but "
-            f"{'; '.join(reasons)}. Set backend.client_batching=false (or use a plain-SGD strategy such as "
-            f"fedavg).")
+            f"trains a round's clients as one vectorised computation of their batched local update and replies "
+            f"with the group's average, but {'; '.join(reasons)}. Set backend.client_batching=false (or use a "
+            f"strategy it supports, e.g. fedavg or fedloge).")
 
 
 # --------------------------------------------------------------------------------------------- trainer
@@ -165,22 +174,62 @@ def _schedule(datas: list, generators: list, cfg: dict,
     return order, table
 
 
-def train_cohort(model: torch.nn.Module, start_state: dict[str, torch.Tensor], datas: list, generators: list,
-                 cfg: dict, device: str = "cpu",
-                 round: int | None = None) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, float]]]:
-    """Train ``len(datas)`` clients from the same ``start_state`` with local SGD, vectorised over clients.
+class _Objective(torch.nn.Module):
+    """``algorithm.batched_loss(model, ...)`` as a module, so that ``functional_call`` runs it with one client's
+    parameters and buffers swapped into ``model`` (keys prefixed ``model.``)."""
+
+    def __init__(self, model: torch.nn.Module, algorithm):
+        super().__init__()
+        self.model = model
+        self.algorithm = algorithm  # not a module: no state of its own
+
+    def forward(self, x, y, w, terms):
+        return self.algorithm.batched_loss(self.model, x, y, w, terms)
+
+
+def _stack(states: list[dict[str, torch.Tensor]], keys: list[str], order: list[int], device) -> dict:
+    """Per-key stacks over the lanes (clients in ``order``); one client's tensors repeated when all are the same
+    objects (a shared start state)."""
+    out = {}
+    for n in keys:
+        first = states[order[0]][n]
+        if all(states[i][n] is first for i in order):
+            v = first.to(device)
+            out[n] = v.unsqueeze(0).repeat(len(order), *[1] * v.dim()).contiguous()
+        else:
+            out[n] = torch.stack([states[i][n].to(device) for i in order]).contiguous()
+    return out
+
+
+def train_cohort(model: torch.nn.Module, start_state, datas: list, generators: list, cfg: dict,
+                 device: str = "cpu", round: int | None = None, algorithm=None,
+                 terms: list[dict[str, torch.Tensor]] | None = None
+                 ) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, float]]]:
+    """Train ``len(datas)`` clients with their local update, vectorised over clients.
+
+    ``start_state``: one state dict every client starts from, or one per client (personal state differs).
+    ``algorithm``: the strategy's client (default: plain :class:`fedlt.api.client.ClientAlgorithm`); its
+    batched hooks define the step: ``batched_loss`` (one client's batch -> objective and metrics),
+    ``batched_groups`` (the parameter groups and their SGD settings) and the per-client loss tensors ``terms``
+    (default: ``algorithm.batched_terms`` of a context on each client's data).
 
     Every step is ONE vmapped call: the clients' images live on the device in one tensor and each step gathers
     and augments all clients' batches at once from precomputed tables (:func:`_schedule`). The clients training
     at a step are a prefix of the stacked weights, so the step runs on views of that prefix (idle clients cost
     nothing, no copies); short batches are padded and masked (:class:`_MaskedBatchNorm`, zero loss weights).
     Nothing waits for the device before the end. Returns each client's final state dict (on CPU) and metrics
-    ({"train/loss", "train/steps"}), identical in meaning to ``ClientAlgorithm.train`` run once per client with
-    ``model.load_state_dict(start_state)`` (equal up to float rounding). ``round``: the server round, needed only
-    by round-dependent samplers (``sampler=progressive``)."""
+    (the hook's metrics averaged over the client's steps, "train/steps", "train/samples"), identical in meaning
+    to the algorithm's ``train`` run once per client from its start state (equal up to float rounding).
+    ``round``: the server round (round-dependent samplers, ``sampler=progressive``; loss schedules)."""
+    from fedlt.api.client import ClientAlgorithm, ClientContext
+
     k = len(datas)
-    opt = cfg["optimizer"]
-    lr, momentum, wd = float(opt["lr"]), float(opt.get("momentum", 0.0)), float(opt.get("weight_decay", 0.0))
+    algorithm = algorithm if algorithm is not None else ClientAlgorithm(cfg)
+    starts = start_state if isinstance(start_state, list) else [start_state] * k
+    if terms is None:
+        terms = [algorithm.batched_terms(ClientContext(model=model, data=d, cfg=cfg, round=int(round or 1),
+                                                       generator=g, device=device))
+                 for d, g in zip(datas, generators, strict=True)]
     plan = datas[0].plan
     padding, hflip = int(plan.augment_padding), bool(plan.augment_hflip)
     order, table = _schedule(datas, generators, cfg, round)
@@ -190,6 +239,7 @@ def train_cohort(model: torch.nn.Module, start_state: dict[str, torch.Tensor], d
     assert all(bool(busy[s, : running[s]].all()) for s in range(total_steps)), "training clients must be a prefix"
     full = [bool(table["valid"][s, : running[s]].all()) for s in range(total_steps)]
     steps_of = busy.sum(0)
+    samples_of = table["valid"].sum((0, 2))
     table = {n: v.to(device, non_blocking=True) for n, v in table.items()}
     images = torch.cat([d.train_x for d in datas]).to(device, non_blocking=True)
     labels = torch.cat([d.train_y for d in datas]).to(device, non_blocking=True)
@@ -198,21 +248,36 @@ def train_cohort(model: torch.nn.Module, start_state: dict[str, torch.Tensor], d
 
     model = model.to(device)
     model.train()
-    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    params = {n: start_state[n].to(device).unsqueeze(0).repeat(k, *[1] * start_state[n].dim()).contiguous()
-              for n in trainable}
-    buffers = {n: v.to(device).unsqueeze(0).repeat(k, *[1] * v.dim()).contiguous()
-               for n, v in start_state.items() if n not in params}
-    momenta = {n: torch.zeros_like(v) for n, v in params.items()} if momentum != 0 else {}
+    # parameter groups: each trainable parameter in the first group whose prefixes match (() = every one);
+    # one in no group is not trained (no optimizer holds it) and travels with the buffers
+    groups = []
+    for prefixes, opt in algorithm.batched_groups(model, cfg):
+        groups.append(([], float(opt["lr"]), float(opt.get("momentum", 0.0)), float(opt.get("weight_decay", 0.0)),
+                       tuple(prefixes)))
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            for g in groups:
+                if not g[4] or n.startswith(g[4]):
+                    g[0].append(n)
+                    break
+    trainable = [n for g in groups for n in g[0]]
+    keys = list(starts[0])
+    params = _stack(starts, trainable, order, device)
+    buffers = _stack(starts, [n for n in keys if n not in params], order, device)
+    term_stack = {n: torch.stack([terms[i][n].to(device) for i in order]) for n in terms[order[0]]}
+    momenta = {n: torch.zeros_like(params[n]) for g in groups if g[2] != 0 for n in g[0]}
     masked_bn = _MaskedBatchNorm(model)
+    objective = _Objective(model, algorithm)
 
-    def loss_of(p, b, x, y, w):
+    def loss_of(p, b, x, y, w, t):
         masked_bn.mask = w
-        logits = functional_call(model, (p, b), (x,))
-        return (F.cross_entropy(logits, y, reduction="none") * w).sum() / w.sum()
+        state = {f"model.{n}": v for n, v in p.items()}
+        state.update({f"model.{n}": v for n, v in b.items()})
+        loss, metrics = functional_call(objective, state, (x, y, w, t))
+        return loss, {"train/loss": loss, **metrics}
 
-    step_fn = vmap(grad_and_value(loss_of), in_dims=(0, 0, 0, 0, 0), randomness="error")
-    loss_sum = torch.zeros(k, device=device)
+    step_fn = vmap(grad_and_value(loss_of, has_aux=True), in_dims=(0, 0, 0, 0, 0, 0), randomness="error")
+    sums: dict[str, torch.Tensor] = {}
     with masked_bn:
         for s in range(total_steps):
             a = running[s]
@@ -226,32 +291,77 @@ def train_cohort(model: torch.nn.Module, start_state: dict[str, torch.Tensor], d
             masked_bn.enabled = not full[s]
             p = {n: v[:a] for n, v in params.items()}  # views: in-place updates land in the stacks
             b = {n: v[:a] for n, v in buffers.items()}  # BatchNorm updates these running statistics in place
-            grads, losses = step_fn(p, b, x.view(a, bs, *x.shape[1:]), labels[index].view(a, bs),
-                                    table["valid"][s, :a].to(x.dtype))
+            t = {n: v[:a] for n, v in term_stack.items()}
+            grads, (_, metrics) = step_fn(p, b, x.view(a, bs, *x.shape[1:]), labels[index].view(a, bs),
+                                          table["valid"][s, :a].to(x.dtype), t)
             with torch.no_grad():  # torch.optim.SGD's multi-tensor arithmetic (dampening 0, no Nesterov)
-                loss_sum[:a] += losses
-                ps, d_p = list(p.values()), [grads[n] for n in p]
-                if wd != 0:
-                    d_p = torch._foreach_add(d_p, ps, alpha=wd)
-                if momentum != 0:
-                    bufs = [momenta[n][:a] for n in p]
-                    torch._foreach_mul_(bufs, momentum)
-                    torch._foreach_add_(bufs, d_p)
-                    d_p = bufs
-                torch._foreach_add_(ps, d_p, alpha=-lr)
-    loss_sum = loss_sum.cpu()
+                for name, v in metrics.items():
+                    if name not in sums:
+                        sums[name] = torch.zeros(k, device=device, dtype=v.dtype)
+                    sums[name][:a] += v.detach()
+                for names, lr, momentum, wd, _ in groups:
+                    if not names:
+                        continue
+                    ps, d_p = [p[n] for n in names], [grads[n] for n in names]
+                    if wd != 0:
+                        d_p = torch._foreach_add(d_p, ps, alpha=wd)
+                    if momentum != 0:
+                        bufs = [momenta[n][:a] for n in names]
+                        torch._foreach_mul_(bufs, momentum)
+                        torch._foreach_add_(bufs, d_p)
+                        d_p = bufs
+                    torch._foreach_add_(ps, d_p, alpha=-lr)
+    sums = {n: v.cpu() for n, v in sums.items()}
     states: list[dict[str, torch.Tensor]] = [{} for _ in range(k)]
     metrics: list[dict[str, float]] = [{} for _ in range(k)]
     for lane, i in enumerate(order):
-        for n in start_state:
+        for n in keys:
             src = params[n] if n in params else buffers[n]
             states[i][n] = src[lane].detach().cpu().clone()
         steps = int(steps_of[lane])
-        metrics[i] = {"train/loss": float(loss_sum[lane]) / max(steps, 1), "train/steps": float(steps)}
+        metrics[i] = {n: float(v[lane]) / max(steps, 1) for n, v in sums.items()}
+        metrics[i].update({"train/steps": float(steps), "train/samples": float(samples_of[lane])})
     return states, metrics
 
 
 # ------------------------------------------------------------------------------------------ groups
+CLIENT_REPLIES = "cohort-client-replies"  # train.cohort config flag: reply with every client's own arrays
+
+
+def needs_client_replies(server_cls) -> bool:
+    """Does the server need each client's own reply (its own ``aggregate`` / ``after_aggregate``)? Then a cohort
+    reply carries every client's shared arrays and metrics (:func:`client_record_names`) instead of the group's
+    average, and the round loop unpacks them (:func:`client_replies`) into the replies the one-client-per-message
+    path would have received."""
+    from fedlt.api.server import ServerAlgorithm
+
+    return any(getattr(server_cls, hook) is not getattr(ServerAlgorithm, hook)
+               for hook in ("aggregate", "after_aggregate"))
+
+
+def client_record_names(client: int) -> tuple[str, str]:
+    """The (arrays, metrics) record names of one client's reply inside a cohort reply."""
+    return f"arrays/{client}", f"metrics/{client}"
+
+
+def client_replies(replies: list) -> list:
+    """Replace each cohort reply that carries per-client records by one reply per client ("arrays", "metrics"),
+    in client order, as the one-client-per-message path would have received them."""
+    from flwr.app import Message, RecordDict
+
+    out = []
+    for r in replies:
+        clients = sorted(int(k.partition("/")[2]) for k in r.content.keys() if k.startswith("metrics/"))
+        if not clients:
+            out.append(r)
+            continue
+        for c in clients:
+            arrays, metrics = client_record_names(c)
+            out.append(Message(RecordDict({"arrays": r.content[arrays], "metrics": r.content[metrics]}),
+                               reply_to=r))
+    return out
+
+
 def cohorts(clients: list[int], cfg: dict, actors: int) -> list[list[int]]:
     """The round's sampled clients in groups of ``backend.batching_group`` (0: one group per actor)."""
     size = int(cfg["backend"].get("batching_group") or 0)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,10 +31,11 @@ from fedlt.api.server import NUM_EXAMPLES, ServerAlgorithm
 from fedlt.core.checkpoint import Checkpointer, RunState, rng_state, seed_round, set_rng_state
 from fedlt.core.client_state import ClientStateStore
 from fedlt.core.client_step import COHORT, DECOUPLED_GENERIC, EVAL_UPLOADS, RECEIVED
-from fedlt.core.cohort import cohorts
+from fedlt.core.cohort import CLIENT_REPLIES, client_replies, cohorts, needs_client_replies
 from fedlt.core.failures import (NON_FINITE, TIMEOUT, check_actors_alive, error_failure, failure, is_backend_failure,
                                  round_failure)
 from fedlt.core.model import build_run_model
+from fedlt.core.shared_eval import SharedEvaluation
 from fedlt.data.federated import DataPlan, global_test, open_plan, server_data
 from fedlt.eval.generic import GenericEvaluation
 from fedlt.privacy import CENTRAL
@@ -127,12 +129,15 @@ class Dispatch:
         if not self.cfg["backend"].get("client_batching"):
             return [self.message(c, arrays, config, MessageType.TRAIN) for c in clients]
         out = []
+        if needs_client_replies(type(self.strategy)):  # its own aggregate: every client's own reply
+            config[CLIENT_REPLIES] = True
         for group in cohorts(clients, self.cfg, self.actors):
             content = RecordDict({"arrays": arrays, "config": ConfigRecord({**config, "cohort": list(group)})})
             if self.strategy.frozen:
                 content["frozen"] = ArrayRecord(self.strategy.frozen)
-            out.append(Message(content=content, dst_node_id=self.node_of_client[group[0]],
-                               message_type=f"{MessageType.TRAIN}.{COHORT}"))
+            msg = Message(content=content, dst_node_id=self.node_of_client[group[0]],
+                          message_type=f"{MessageType.TRAIN}.{COHORT}")
+            out.append(self.client_states.attach_cohort(msg, group) if self.hold_client_state else msg)
         return out
 
     def evaluate_messages(self, rnd: int, arrays: ArrayRecord, received: dict | None = None,
@@ -212,6 +217,8 @@ def run_rounds(strategy: ServerAlgorithm, grid: Grid, cfg: dict, plan: DataPlan,
                                      else privacy.clients(r, strategy.sample_clients))
     test_x, test_y = global_test(plan)
     generic_eval = GenericEvaluation.for_run(cfg, plan, test_y)
+    # eval.personalized_path: every client's heads on ONE pass over the test split (None = evaluate messages)
+    shared = SharedEvaluation.for_run(cfg, plan, strategy.client_cls, model, dispatch.hold_client_state)
     decoupled_generic = False  # eval.decoupled: generic (federated) cRT/LWS from the clients' evaluate replies
     if decoupled.options(cfg) is not None:
         why = decoupled.generic_problem(cfg, model, strategy.client_cls.is_personal, test_x)
@@ -255,6 +262,7 @@ def run_rounds(strategy: ServerAlgorithm, grid: Grid, cfg: dict, plan: DataPlan,
             ok = secure_sum.replies  # metrics and client state only; [] when the round failed
             row.update(secure_sum.metrics)
         dispatch.client_states.collect(ok, client_of)
+        ok = client_replies(ok)  # client batching for a server with its own aggregate: one reply per client
         released = ok if secure_sum is None else [secure_sum.mean_reply(sent_arrays)] if ok and not central else []
         if privacy is not None:
             privacy.check_replies(ok, cfg["strategy"]["name"])
@@ -299,13 +307,18 @@ def run_rounds(strategy: ServerAlgorithm, grid: Grid, cfg: dict, plan: DataPlan,
             model.load_state_dict(arrays.to_torch_state_dict(), strict=False)
             if strategy.frozen:
                 model.load_state_dict(strategy.frozen, strict=False)
-            gen, gen_detail = strategy.generic_metrics(model, test_x, test_y, plan.num_classes,
-                                                       int(cfg["eval"]["batch_size"]), generic_eval)
-            row.update(gen)
-            with torch.no_grad():
-                row.update(strategy.diagnostics(model, test_x))
-            ev_ok = exchange(rnd, "evaluate", dispatch.evaluate_messages(rnd, arrays, received,
-                                                                         decoupled_generic=decoupled_generic))
+            with shared.features(model, test_x) if shared is not None else nullcontext():
+                gen, gen_detail = strategy.generic_metrics(model, test_x, test_y, plan.num_classes,
+                                                           int(cfg["eval"]["batch_size"]), generic_eval)
+                row.update(gen)
+                with torch.no_grad():
+                    row.update(strategy.diagnostics(model, test_x))
+                if shared is not None:  # the same records as the clients' evaluate replies, no message sent
+                    ev_ok = shared.replies(rnd, model, dispatch.node_of_client, dispatch.client_states,
+                                           {**strategy.round_arrays(rnd), **received})
+                else:
+                    ev_ok = exchange(rnd, "evaluate", dispatch.evaluate_messages(
+                        rnd, arrays, received, decoupled_generic=decoupled_generic))
             if decoupled_generic:  # the clients' heads averaged, scored beside the generic predictors above
                 model.load_state_dict(arrays.to_torch_state_dict(), strict=False)
                 if strategy.frozen:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -48,4 +48,18 @@ def local_eval_record(logits: torch.Tensor, labels: torch.Tensor, num_classes: i
     record = {f"{prefix}/correct": counts["correct"], f"{prefix}/predicted": counts["predicted"]}
     scores = score_metrics(logits.numpy(), labels.numpy(), num_classes)
     record.update({f"{prefix}/{k}": float(v) for k, v in scores.items()})
+    return record
+
+
+def client_eval_record(client_id: int, test_y: torch.Tensor, test_counts: torch.Tensor, train_counts: torch.Tensor,
+                       num_classes: int, logits: Iterable[tuple[str, torch.Tensor]]) -> dict:
+    """A client's whole evaluate record: its sizes and class totals, then every (predictor name, logits on its
+    local test set) scored unmasked and masked (absent classes at -inf). The federated path (the client step)
+    and the shared-backbone path (fedlt.core.shared_eval) both build it here, so the keys are the same."""
+    mask = absent_class_mask(test_counts)
+    record: dict = {"num-examples": int(test_y.numel()), "client-id": client_id,
+                    "total": test_counts.tolist(), "train-total": train_counts.tolist()}
+    for name, lg in logits:
+        for variant, z in (("unmasked", lg), ("masked", apply_mask(lg, mask))):
+            record.update(local_eval_record(z, test_y, num_classes, f"{name}/{variant}"))
     return record

@@ -123,13 +123,8 @@ def ldam_drw(counts: torch.Tensor | None = None, max_margin: float = 0.5, scale:
     Deviations: the counts are the client's own (a federated client knows no others), and the margins and
     weights are computed over the classes the client holds (absent classes are never targets)."""
     n = _counts(counts, "ldam_drw")
-    present = n > 0
-    margins = torch.zeros_like(n)
-    margins[present] = n[present] ** -0.25
-    if present.any():
-        margins = margins * (float(max_margin) / margins[present].max())
-    drw = round is not None and num_rounds is not None and (round - 1) >= float(drw_start) * num_rounds
-    weights = effective_number_weights(n, float(drw_beta)) if drw else None
+    margins = ldam_margins(n, float(max_margin))
+    weights = ldam_weights(n, float(drw_start), float(drw_beta), round, num_rounds)
     s = float(scale)
 
     def loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -138,6 +133,24 @@ def ldam_drw(counts: torch.Tensor | None = None, max_margin: float = 0.5, scale:
         return F.cross_entropy(s * adjusted, y, weight=None if weights is None else weights.to(logits.device))
 
     return loss
+
+
+def ldam_margins(n: torch.Tensor, max_margin: float) -> torch.Tensor:
+    """LDAM's per-class margins C / n_c^(1/4), scaled so the largest over the classes present is ``max_margin``
+    (0 for absent classes)."""
+    present = n > 0
+    margins = torch.zeros_like(n)
+    margins[present] = n[present] ** -0.25
+    if present.any():
+        margins = margins * (max_margin / margins[present].max())
+    return margins
+
+
+def ldam_weights(n: torch.Tensor, drw_start: float, drw_beta: float, round: int | None,
+                 num_rounds: int | None) -> torch.Tensor | None:
+    """DRW's class weights for this round (None before the deferred re-weighting starts)."""
+    drw = round is not None and num_rounds is not None and (round - 1) >= drw_start * num_rounds
+    return effective_number_weights(n, drw_beta) if drw else None
 
 
 def calibration_offsets(counts: torch.Tensor, tau: float) -> torch.Tensor:
@@ -241,6 +254,78 @@ def build_loss(cfg: dict | None, counts: torch.Tensor | None = None, round: int 
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; allowed: {', '.join(sorted(LOSSES))}")
     return LOSSES[name](counts=counts, round=round, num_rounds=num_rounds, **cfg)
+
+
+# ---------------------------------------------------------------------- vectorised form (client batching)
+def loss_terms(cfg: dict | None, counts: torch.Tensor | None = None, round: int | None = None,
+               num_rounds: int | None = None) -> dict[str, torch.Tensor]:
+    """The loss ``cfg["name"]`` as per-client tensors for :func:`masked_loss`, the form the vectorised trainer
+    of ``backend.client_batching`` stacks over clients and vmaps (``fedlt.core.cohort``): the same per-class
+    quantities the builders above compute from the client's counts (the same helpers), as data instead of a
+    closure. Which keys are present says which terms apply; it depends only on the config (and the round), so
+    it is the same for every client of a round. Every loss in ``LOSSES`` has this form."""
+    cfg = dict(cfg or {"name": "ce"})
+    name = cfg.pop("name", "ce")
+    t = lambda v: torch.tensor(float(v))  # noqa: E731
+    if name == "ce":
+        return {}
+    if name in ("logit_adjustment", "balanced_softmax"):
+        return {"offset": log_prior(counts, float(cfg.get("tau", 1.0)) if name == "logit_adjustment" else 1.0)}
+    if name == "logit_calibration":
+        return {"offset": -calibration_offsets(_counts(counts, name), float(cfg.get("tau", 1.0)))}
+    if name in ("focal", "class_balanced"):
+        gamma = float(cfg.get("gamma", 2.0))
+        if name == "class_balanced" and cfg.get("base", "ce") != "focal":
+            gamma = 0.0
+        out = {"gamma": t(gamma)} if gamma else {}
+        if name == "class_balanced":
+            out["class_weight"] = effective_number_weights(counts, float(cfg.get("beta", 0.999)))
+        return out
+    if name == "ldam_drw":
+        n = _counts(counts, name)
+        out = {"margin": ldam_margins(n, float(cfg.get("max_margin", 0.5))), "scale": t(cfg.get("scale", 30.0))}
+        weights = ldam_weights(n, float(cfg.get("drw_start", 0.8)), float(cfg.get("drw_beta", 0.9999)), round,
+                               num_rounds)
+        if weights is not None:  # F.cross_entropy(weight=w): sum_i w_y l_i / sum_i w_y
+            out["class_weight"] = out["norm_weight"] = weights
+        return out
+    if name == "gce":
+        q = float(cfg.get("q", 0.7))
+        return {"q": t(q)} if q else {}
+    if name == "sce":
+        return {"sce_alpha": t(cfg.get("alpha", 0.1)), "sce_beta": t(cfg.get("beta", 1.0)),
+                "sce_a": t(math.log(float(cfg.get("one_hot_floor", 1e-4))))}
+    raise ValueError(f"loss {name!r} has no vectorised form (fedlt.train.losses.loss_terms)")
+
+
+def masked_loss(terms: dict[str, torch.Tensor], logits: torch.Tensor, y: torch.Tensor,
+                weight: torch.Tensor) -> torch.Tensor:
+    """The loss of :func:`loss_terms` on a batch padded to a fixed size: ``weight`` is 1 for real samples and 0
+    for padding, and the result equals the builder's loss on the real samples alone (up to float rounding).
+    Written without data-dependent control flow, so it runs under ``torch.func.vmap`` over clients."""
+    z = logits
+    if "offset" in terms:
+        z = z + terms["offset"]
+    if "margin" in terms:
+        one_hot = (y[:, None] == torch.arange(z.shape[-1], device=y.device)).to(z.dtype)  # F.one_hot: .item()
+        z = terms["scale"] * (z - one_hot * terms["margin"][y][:, None])
+    logp = F.log_softmax(z, dim=-1)
+    logp_y = logp.gather(1, y[:, None]).squeeze(1)
+    if "gamma" in terms:
+        per = -((1.0 - logp_y.exp()).clamp(min=0) ** terms["gamma"]) * logp_y
+    elif "q" in terms:
+        per = -torch.expm1(terms["q"] * logp_y) / terms["q"]
+    elif "sce_alpha" in terms:
+        p = logp.exp().clamp(min=1e-7, max=1.0)
+        rce = -terms["sce_a"] * (p.sum(dim=-1) - p.gather(1, y[:, None]).squeeze(1))
+        per = terms["sce_alpha"] * -logp_y + terms["sce_beta"] * rce
+    else:
+        per = -logp_y
+    w = weight.to(per.dtype)
+    if "class_weight" in terms:
+        per = per * terms["class_weight"][y]
+    norm = w * terms["norm_weight"][y] if "norm_weight" in terms else w
+    return (per * w).sum() / norm.sum()
 
 
 # (lo, hi, lo_open, hi_open) of options whose range differs from the shared table in validate_loss

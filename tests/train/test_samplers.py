@@ -11,7 +11,7 @@ from fedlt.api.client import ClientAlgorithm, ClientContext
 from fedlt.config import ConfigError
 from fedlt.data.augment import crop_flip_draws
 from fedlt.data.federated import ClientData, DataPlan
-from fedlt.train.local import batch_draws, batches, run_local_epochs
+from fedlt.train.local import batch_draws, run_local_epochs
 from fedlt.train.samplers import (SAMPLERS, class_probabilities, epoch_draw, resample_targets, sampler_spec,
                                   validate_sampler)
 
@@ -244,16 +244,37 @@ def test_client_batching_draws_with_the_sampler_like_the_sequential_loop():
                 assert torch.allclose(a[k], b[k], atol=2e-5, rtol=1e-4), k
 
 
-def test_client_batching_refuses_progressive_until_it_is_told_the_round():
+def test_client_batching_tells_progressive_the_round():
+    """A cohort message passes its round to the vectorised trainer, so ``progressive`` draws each client's
+    batches as the sequential client step does in that round."""
+    from fedlt.core.client_step import train_group, with_sampler
     from fedlt.core.cohort import _schedule, unsupported_reasons
+    from fedlt.models import build_model
+    from fedlt.seeding import torch_generator
     from strategies import get_strategy
 
     fedavg = get_strategy("fedavg")
-    assert unsupported_reasons(fedavg, cfg_with("ros")) == []
-    assert any("progressive" in r for r in unsupported_reasons(fedavg, cfg_with("progressive")))
+    assert unsupported_reasons(fedavg, cfg_with("progressive")) == []
     with pytest.raises(ValueError, match="needs the round"):
         _schedule([client()], [torch.Generator()], cfg_with("progressive"))
-    _schedule([client()], [torch.Generator()], cfg_with("progressive"), round=2)  # train_cohort(round=...)
+    torch.set_num_threads(1)
+    cfg = {**cfg_with("progressive", num_rounds=3), "local_epochs": 1, "batch_size": 16, "seed": 3,
+           "optimizer": {"lr": 0.05, "momentum": 0.9, "weight_decay": 0.0}}
+    datas = [client((40, 8, 0, 3, 1), cid=0), client((2, 30, 5, 0, 0), cid=1)]
+    gens = lambda: [torch_generator(3, 2, 2, c) for c in range(len(datas))]  # noqa: E731
+    torch.manual_seed(0)
+    model = build_model({"name": "cnn", "width": 4, "feature_dim": 16}, 1, 5)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    algo, seq = ClientAlgorithm(cfg), []
+    for d, g in zip(datas, gens(), strict=True):
+        model.load_state_dict(start)
+        algo.train(ClientContext(model=model, data=with_sampler(d, cfg, 2), cfg=cfg, round=2, generator=g))
+        seq.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    bat, _, _ = train_group(algo, model, start, [({}, {})] * 2, [with_sampler(d, cfg, 2) for d in datas], gens(),
+                            cfg, 2, "cpu")
+    for a, b in zip(seq, bat, strict=True):
+        for k in a:
+            assert torch.allclose(a[k].double(), b[k].double(), atol=2e-5, rtol=1e-4), k
 
 
 # ---------------------------------------------------------------------------------------- validation
@@ -293,8 +314,7 @@ def test_samplers_compose_from_the_command_line():
     cfg = compose("sampler=ros", "sampler.ratio=0.5")
     assert cfg["sampler"] == {"name": "ros", "ratio": 0.5, "epoch": "same"}
     assert compose()["sampler"] == {"name": "uniform"}
-    with pytest.raises(ConfigError, match="progressive"):
-        compose("sampler=progressive", "backend.client_batching=true")
+    assert compose("sampler=progressive", "backend.client_batching=true")["sampler"]["name"] == "progressive"
 
 
 # ---------------------------------------------------------------------------------------------- episodic
