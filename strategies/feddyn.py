@@ -24,8 +24,10 @@ Deviations: the official code applies FedDyn to ``model.parameters()`` of models
 buffers are averaged as in FedAvg. The mean client size for the adaptive alpha is read by the client from the
 run's split (one public scalar, what the official simulator computes centrally; a deployment would broadcast
 it); with ``adaptive_alpha: false`` alpha_i = alpha. Client-level DP (``privacy=``) is refused: h must see each
-client's own drift. Uploads besides weights: none (the server derives theta_i - theta from the uploaded
-weights); the client's lambda_i never leaves it.
+client's own drift. Client batching (``backend.client_batching``): the same update through the batched hooks
+(linear term in ``batched_loss``, clipping and alpha_i * w in ``batched_grads``, lambda_i in ``batched_end``;
+tests/strategies/test_feddyn_batching.py). Uploads besides weights: none (the server derives theta_i - theta from
+the uploaded weights); the client's lambda_i never leaves it.
 """
 
 from __future__ import annotations
@@ -94,6 +96,46 @@ class FedDynClient(FedAvgClient):
         for k, p in params.items():
             ctx.state[LAMBDA + k] = (lam[k] + p.detach() - theta[k]).cpu()
         return metrics
+
+    # client batching (backend.client_batching): the same update as train(), one client's batch at a time under
+    # vmap -- the linear term in batched_loss, clipping and the per-client alpha_i weight decay in batched_grads
+    batched_ready = True
+    LINEAR = "feddyn/linear/"  # batched_terms: lambda_i - theta, per trained parameter
+    ALPHA = "feddyn/alpha"  # batched_terms: alpha_i (a per-client scalar under adaptive_alpha)
+    THETA = "feddyn.theta."  # ctx.state between batched_begin and batched_end only: the received theta
+
+    def batched_begin(self, ctx: ClientContext) -> None:
+        for k, p in trainable(ctx.model, self.is_shared).items():
+            ctx.state[self.THETA + k] = p.detach().cpu().clone()
+
+    def batched_terms(self, ctx: ClientContext) -> dict[str, torch.Tensor]:
+        terms = super().batched_terms(ctx)
+        for k, p in trainable(ctx.model, self.is_shared).items():
+            lam = ctx.state.get(LAMBDA + k, torch.zeros_like(p)).to(p.device)
+            terms[self.LINEAR + k] = lam - p.detach()
+        terms[self.ALPHA] = torch.tensor(client_alpha(ctx), dtype=torch.float32)
+        return terms
+
+    def batched_loss(self, model, x, y, weight, terms):
+        task, _ = super().batched_loss(model, x, y, weight, terms)
+        linear = sum((p * terms[self.LINEAR + n]).sum() for n, p in model.named_parameters()
+                     if self.LINEAR + n in terms)
+        return task + terms[self.ALPHA] * linear, {"train/loss": task}
+
+    def batched_grads(self, grads, params, terms):
+        # clip_grad_norm_ over the client's FedDyn parameters, then alpha_i * w (train's extra weight decay: the
+        # trainer adds optimizer.weight_decay * w after this, as SGD adds (weight_decay + alpha_i) * w)
+        names = [n for n in grads if self.LINEAR + n in terms]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(grads[n]) for n in names]))
+        coef = (float(self.cfg["strategy"]["max_grad_norm"]) / (norm + 1e-6)).clamp(max=1.0)
+        alpha = terms[self.ALPHA]
+        return {n: (g * coef + alpha * params[n] if n in names else g) for n, g in grads.items()}
+
+    def batched_end(self, ctx: ClientContext) -> None:
+        for k, p in trainable(ctx.model, self.is_shared).items():
+            theta = ctx.state.pop(self.THETA + k).to(p.device)
+            lam = ctx.state.get(LAMBDA + k, torch.zeros_like(p)).to(p.device)
+            ctx.state[LAMBDA + k] = (lam + p.detach() - theta).cpu()
 
 
 @dataclass(frozen=True)

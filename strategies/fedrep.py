@@ -43,6 +43,10 @@ def schedule(strategy: dict, local_epochs: int) -> tuple[int, int]:
 
 
 class FedRepClient(FedPerClient):
+    batched_refusal = ("alternates trainable parameter sets between epochs (head epochs with the body frozen, then "
+                       "body epochs with the head frozen, each with a fresh optimizer), while the vectorised "
+                       "trainer steps one fixed set of parameter groups for all of its local_epochs epochs")
+
     def train(self, ctx: ClientContext) -> dict[str, float]:
         model = ctx.model
         head_epochs, body_epochs = schedule(ctx.strategy, ctx.cfg["local_epochs"])

@@ -30,7 +30,10 @@ equal under plain SGD (up to float rounding), but with momentum beta in ``optimi
 about 1 / (1 - beta) times the mean gradient (FL-bench applies it so), and at ``cifar10_lt_quick``'s momentum 0.9
 those ten-fold variates made client updates non-finite and every seed end at chance accuracy; ``weighting:
 samples`` (not in the paper) weights the model average by sample count, so that SCAFFOLD with zero control
-variates is exactly fedlt's FedAvg (c's update stays the paper's). Uploads besides weights: dc_i, one tensor per
+variates is exactly fedlt's FedAvg (c's update stays the paper's). Client batching (``backend.client_batching``):
+the same update through the batched hooks (c - c_i in ``batched_terms`` and ``batched_grads``, the sum of the raw
+minibatch gradients in ``batched_memory`` / ``batched_accumulate``, c_i+ and dc_i in ``batched_end``;
+tests/strategies/test_scaffold_batching.py). Uploads besides weights: dc_i, one tensor per
 trainable parameter (as large as the model); the server's c travels to every client every round.
 """
 
@@ -95,6 +98,46 @@ class SCAFFOLDClient(FedAvgClient):
         else:  # no step taken: c_i unchanged
             ctx.uploads.update({DC + k: torch.zeros_like(p).cpu() for k, p in params.items()})
         return metrics
+
+    # client batching (backend.client_batching): the same update as train(), one client's step at a time under
+    # vmap -- c - c_i per client in batched_terms, the raw minibatch gradient (+ weight decay) summed in the
+    # memory (batched_accumulate), the correction added in batched_grads, c_i+ and dc_i in batched_end
+    batched_ready = True
+    CORRECTION = "scaffold/correction/"  # batched_terms: c - c_i
+    SUM = "scaffold/sum/"  # batched_memory: the sum of g_i(y) + weight_decay * y over the steps
+    STEPS = "scaffold/steps"  # batched_memory: the steps taken
+
+    def batched_terms(self, ctx: ClientContext) -> dict[str, torch.Tensor]:
+        terms = super().batched_terms(ctx)
+        for k, p in trainable(ctx.model, self.is_shared).items():
+            c = ctx.received.get(C + k, torch.zeros_like(p)).to(p.device)
+            terms[self.CORRECTION + k] = c - ctx.state.get(C_I + k, torch.zeros_like(p)).to(p.device)
+        return terms
+
+    def batched_memory(self, ctx: ClientContext) -> dict[str, torch.Tensor]:
+        memory = {self.SUM + k: torch.zeros_like(p.detach())
+                  for k, p in trainable(ctx.model, self.is_shared).items()}
+        return {**memory, self.STEPS: torch.zeros(())}
+
+    def batched_accumulate(self, memory, grads, params, terms):
+        wd = float(self.cfg["optimizer"].get("weight_decay") or 0.0)
+        out = {name: v + grads[name[len(self.SUM):]] + wd * params[name[len(self.SUM):]]
+               for name, v in memory.items() if name.startswith(self.SUM)}
+        return {**out, self.STEPS: memory[self.STEPS] + 1}
+
+    def batched_grads(self, grads, params, terms):
+        return {n: g + terms[self.CORRECTION + n] if self.CORRECTION + n in terms else g for n, g in grads.items()}
+
+    def batched_end(self, ctx: ClientContext) -> None:
+        steps = int(ctx.memory[self.STEPS])
+        for k, p in trainable(ctx.model, self.is_shared).items():
+            c_i = ctx.state.get(C_I + k, torch.zeros_like(p)).cpu()
+            if steps > 0:
+                new = ctx.memory[self.SUM + k] / steps
+                ctx.uploads[DC + k] = (new - c_i).cpu()
+                ctx.state[C_I + k] = new.cpu()
+            else:  # no step taken: c_i unchanged
+                ctx.uploads[DC + k] = torch.zeros_like(p).cpu()
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,8 @@ class ClientContext:
     # extra arrays the server sent with this round's global arrays (``ServerAlgorithm.round_arrays``, e.g.
     # SCAFFOLD's server control variate, FedProto's global prototypes); read-only
     received: dict[str, torch.Tensor] = field(default_factory=dict)
+    # client batching only, in ``batched_end``: this client's ``batched_memory`` after its last step
+    memory: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def strategy(self) -> dict:
@@ -96,10 +98,13 @@ class ClientAlgorithm:
         personal state, ``ctx.state`` its extra state, and ``ctx.data`` its labels and counts but no images.
       * ``batched_ready`` and the ``batched_*`` hooks -- the same local update written for client batching
         (``backend.client_batching``, :mod:`fedlt.core.cohort`: a round's clients trained as ONE vmapped
-        computation). The default hooks are ``train``'s plain local SGD with ``loss=``. A class that overrides
-        ``train`` or ``loss_fn`` sets ``batched_ready = True`` in its own body only when its ``batched_*`` hooks
-        reproduce that update (tests/core/test_cohort.py checks batched == sequential for every strategy);
-        otherwise client batching is refused for it, naming the method.
+        computation): ``batched_begin``, ``batched_terms``, ``batched_groups``, ``batched_loss``,
+        ``batched_grads``, ``batched_memory`` / ``batched_accumulate``, ``batched_end``. The default hooks are
+        ``train``'s plain local SGD with ``loss=``.
+        A class that overrides ``train`` or ``loss_fn`` sets ``batched_ready = True`` in its own body only when
+        its ``batched_*`` hooks reproduce that update (tests/core/test_cohort.py checks batched == sequential
+        for every strategy); otherwise client batching is refused for it, naming the method and, when that
+        class sets ``batched_refusal`` (a phrase: why the update has no batched form), that reason.
     """
 
 
@@ -108,6 +113,7 @@ class ClientAlgorithm:
     extra_uploads: str = ""
     dp_sgd_ready: bool = True  # read from the class that defines ``train`` (fedlt.validate; see above)
     batched_ready: bool = True  # read from the classes that define ``train`` and ``loss_fn`` (fedlt.core.cohort)
+    batched_refusal: str = ""  # why not, read from the same class when it is not batched_ready (fedlt.core.cohort)
 
     # ------------------------------------------------------------------ what travels (the one rule)
     @classmethod
@@ -197,9 +203,36 @@ class ClientAlgorithm:
         loss = masked_loss(terms, model(x), y, weight)
         return loss, {"train/loss": loss}
 
+    def batched_grads(self, grads: dict[str, torch.Tensor], params: dict[str, torch.Tensor],
+                      terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Client batching: ONE client's gradients of :meth:`batched_loss`'s objective (``grads``, by parameter
+        name, every trained parameter) -> what its SGD steps with, before the group's weight decay and momentum
+        (e.g. FedDyn's gradient clipping and per-client weight decay). A pure function under ``vmap`` like
+        :meth:`batched_loss`: ``params`` this client's trained parameters before the step, ``terms`` its
+        :meth:`batched_terms`; no ``.item()``, no data-dependent Python control flow. Default: unchanged (not
+        called at all unless overridden)."""
+        return grads
+
+    def batched_memory(self, ctx: ClientContext) -> dict[str, torch.Tensor]:
+        """Client batching: this client's running tensors carried from step to step (stacked over the cohort and
+        vmapped like :meth:`batched_terms`; the same keys and shapes for every client), their values before the
+        first step, e.g. a gradient sum and a step count (SCAFFOLD's c_i+). Each step replaces them by
+        :meth:`batched_accumulate`; ``batched_end`` finds the final values in ``ctx.memory``. Default: none."""
+        return {}
+
+    def batched_accumulate(self, memory: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
+                           params: dict[str, torch.Tensor], terms: dict[str, torch.Tensor]
+                           ) -> dict[str, torch.Tensor]:
+        """Client batching: ONE client's :meth:`batched_memory` after one of its steps, from the step's gradients
+        of :meth:`batched_loss`'s objective (before :meth:`batched_grads`), its parameters before the step and its
+        terms; a pure function under ``vmap`` (run only at the client's own steps). Default: unchanged."""
+        return memory
+
     def batched_end(self, ctx: ClientContext) -> None:
         """Client batching: what ``train`` does for this client after its last batch (e.g. copy a head, mark
-        ``ctx.state``); ``ctx.model`` holds the client's trained state."""
+        ``ctx.state``, fill ``ctx.uploads``); ``ctx.model`` holds the client's trained state, ``ctx.memory`` its
+        final :meth:`batched_memory`. ``ctx.uploads`` reach the server only when it gets every client's own
+        reply (its own ``aggregate``; otherwise such an algorithm is refused)."""
 
     # -------------------------------------------------------------------------------------- evaluation
     def eval_uploads(self, ctx: ClientContext) -> dict[str, torch.Tensor]:

@@ -303,7 +303,13 @@ def train_cohort_message(rt: ClientRuntime, msg: Message, context: Context) -> M
                 if held and cohort_key(PERSONAL, c) in msg.content else {},
                 dict(msg.content[cohort_key(STATE, c)].to_torch_state_dict())
                 if held and cohort_key(STATE, c) in msg.content else {}) for c in group]
-    states, extra, metrics = train_group(algo, rt.model, base, records, datas, gens, cfg, rnd, rt.device)
+    received = msg.content[RECEIVED].to_torch_state_dict() if RECEIVED in msg.content else {}
+    uploads: list[dict] = []
+    states, extra, metrics = train_group(algo, rt.model, base, records, datas, gens, cfg, rnd, rt.device,
+                                         received=received, uploads=uploads)
+    if any(uploads) and not msg.content["config"].get(CLIENT_REPLIES):
+        raise RuntimeError("client batching: the clients uploaded arrays besides the model (ctx.uploads), which only "
+                           "a server with its own aggregate() receives (one reply per client)")
     if not held and any(extra):
         raise RuntimeError("client batching of a strategy that keeps extra client state (ctx.state) needs the state "
                            "held by the server (fedlt.core.client_state)")
@@ -338,7 +344,9 @@ def train_cohort_message(rt: ClientRuntime, msg: Message, context: Context) -> M
             shared = {k: states[i][k] for k in shared_keys}
             rec = {**metrics[i], "num-examples": datas[i].num_train, "client-id": group[i]}
             if privacy_enabled(cfg):  # as train() protects it: clipped (dp_local: noised) with this client's id
-                rec.update(protect_update(cfg, sent, shared, {}, config, rnd, group[i], buffers))
+                rec.update(protect_update(cfg, sent, shared, uploads[i], config, rnd, group[i], buffers))
+            else:  # as train() sends them: the algorithm's uploads beside the shared arrays
+                shared.update(uploads[i])
             arrays_name, metrics_name = client_record_names(group[i])
             content[arrays_name], content[metrics_name] = ArrayRecord(shared), MetricRecord(rec)
         return Message(content, reply_to=msg)
@@ -354,13 +362,14 @@ def train_cohort_message(rt: ClientRuntime, msg: Message, context: Context) -> M
 
 
 def train_group(algo: ClientAlgorithm, model: torch.nn.Module, base: dict, records: list[tuple[dict, dict]],
-                datas: list, gens: list, cfg: dict, rnd: int, device: str
-                ) -> tuple[list[dict], list[dict], list[dict]]:
+                datas: list, gens: list, cfg: dict, rnd: int, device: str, received: dict | None = None,
+                uploads: list | None = None) -> tuple[list[dict], list[dict], list[dict]]:
     """The clients of a cohort from the shared start state ``base`` (initial -> frozen -> global) and each one's
     (personal arrays, extra state) ``records``, as :func:`train` runs each of them: load its personal arrays,
     ``batched_begin``, then ONE vectorised update of all (:func:`fedlt.core.cohort.train_cohort`), then per client
-    ``batched_end`` on its trained state. Returns each client's final state dict and extra state (CPU copies) and
-    its metrics."""
+    ``batched_end`` on its trained state. ``received``: the round's arrays from the server (every client's
+    ``ctx.received``). Returns each client's final state dict and extra state (CPU copies) and its metrics; each
+    client's ``ctx.uploads`` are appended to ``uploads`` when given."""
     model.load_state_dict(base)  # once: per client only the personal keys change (batched_begin's contract)
     base_personal = {k: v for k, v in base.items() if algo.is_personal(k)}
     starts, terms, ctxs = [], [], []
@@ -368,13 +377,15 @@ def train_group(algo: ClientAlgorithm, model: torch.nn.Module, base: dict, recor
         if base_personal:
             model.load_state_dict({**base_personal, **personal}, strict=False)
         ctx = ClientContext(model=model, data=data, cfg=cfg, round=rnd, generator=gen, state=dict(state),
-                            device=device)
+                            device=device, received=dict(received or {}))
         algo.batched_begin(ctx)
         sd = model.state_dict()
         starts.append({k: sd[k].detach().clone() if k in base_personal else base[k] for k in base})
         terms.append(algo.batched_terms(ctx))
+        ctx.memory = algo.batched_memory(ctx)
         ctxs.append(ctx)
-    states, metrics = train_cohort(model, starts, datas, gens, cfg, device, round=rnd, algorithm=algo, terms=terms)
+    states, metrics = train_cohort(model, starts, datas, gens, cfg, device, round=rnd, algorithm=algo, terms=terms,
+                                   memory=[ctx.memory for ctx in ctxs])
     ends = type(algo).batched_end is not ClientAlgorithm.batched_end
     extra = []
     for i, ctx in enumerate(ctxs):
@@ -383,6 +394,8 @@ def train_group(algo: ClientAlgorithm, model: torch.nn.Module, base: dict, recor
             algo.batched_end(ctx)
             states[i] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         extra.append({k: v.detach().cpu().clone() for k, v in ctx.state.items()})
+        if uploads is not None:
+            uploads.append({k: v.detach().cpu().clone() for k, v in ctx.uploads.items()})
     return states, extra, metrics
 
 

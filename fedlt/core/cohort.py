@@ -15,13 +15,17 @@ What a client does per batch is its algorithm's batched hooks (``fedlt.api.clien
 ``batched_loss`` -- one client's batch as a pure function returning the objective whose gradient each parameter
 group steps with --, ``batched_groups`` -- the SGD settings of each parameter group, ``batched_terms`` -- the
 client's own loss tensors, e.g. ``loss=`` parameters from its class counts, stacked over clients --, and
-``batched_begin`` / ``batched_end`` around it). The defaults are plain local SGD with ``loss=`` (every loss of
-``fedlt.train.losses`` has a vectorised form). Frozen arrays are loaded and never trained or uploaded; personal
+``batched_begin`` / ``batched_end`` around it; ``batched_grads`` maps a client's gradients to what its SGD
+steps with, e.g. clipping; ``batched_memory`` / ``batched_accumulate`` keep per-client running tensors across its
+steps, e.g. a gradient sum). The defaults are plain local SGD with ``loss=`` (every loss of ``fedlt.train.losses``
+has a vectorised form). Frozen arrays are loaded and never trained or uploaded; personal
 arrays are stacked per client, loaded from and saved back to each client's own server-held records; the reply
 carries only shared arrays. Strategies that override ``train`` or ``loss_fn`` without declaring a batched form
 (``batched_ready = True`` in the overriding class) are refused before Ray starts (:func:`unsupported_reasons`,
-called by ``fedlt.validate``), naming the method; so are servers with ``round_arrays``. Servers with their own
-``aggregate`` / ``after_aggregate`` get every client's own reply (:func:`needs_client_replies`).
+called by ``fedlt.validate``), naming the method. A cohort message carries the server's ``round_arrays`` (each
+client's ``ctx.received``). Servers with their own ``aggregate`` / ``after_aggregate`` get every client's own reply
+(:func:`needs_client_replies`), with its ``ctx.uploads`` (a cohort whose clients upload anything while the server
+takes the group's average stops with an error: such a server must aggregate by itself).
 
 With client batching the round loop sends one ``train.cohort`` message per group of sampled clients
 (:func:`cohorts`) instead of one per client; the client step (``fedlt.core.client_step.train_cohort_message``)
@@ -48,7 +52,6 @@ def _owner(cls: type, name: str) -> type:
 
 def unsupported_reasons(server_cls, cfg: dict) -> list[str]:
     """Why ``server_cls`` cannot be trained with client batching under ``cfg`` (empty: it can)."""
-    from fedlt.api.server import ServerAlgorithm
     from fedlt.train.losses import loss_terms
 
     algo = server_cls.client_cls
@@ -56,12 +59,11 @@ def unsupported_reasons(server_cls, cfg: dict) -> list[str]:
     for method in ("train", "loss_fn"):
         owner = _owner(algo, method)
         if not owner.__dict__.get("batched_ready", False):
+            why = owner.__dict__.get("batched_refusal", "")
             reasons.append(f"its clients run their own {method}() ({owner.__name__}.{method}) with no batched form "
-                           f"(the ClientAlgorithm.batched_* hooks, declared by batched_ready = True in "
-                           f"{owner.__name__})")
-    if server_cls.round_arrays is not ServerAlgorithm.round_arrays:
-        reasons.append("its server overrides round_arrays() (extra arrays per round, which a cohort message does "
-                       "not carry)")
+                           + (f"because it {why}" if why else
+                              f"(the ClientAlgorithm.batched_* hooks, declared by batched_ready = True in "
+                              f"{owner.__name__})"))
     loss = dict(cfg.get("loss") or {"name": "ce"})
     try:
         loss_terms(loss, counts=torch.ones(2), round=1, num_rounds=1)
@@ -203,7 +205,8 @@ def _stack(states: list[dict[str, torch.Tensor]], keys: list[str], order: list[i
 
 def train_cohort(model: torch.nn.Module, start_state, datas: list, generators: list, cfg: dict,
                  device: str = "cpu", round: int | None = None, algorithm=None,
-                 terms: list[dict[str, torch.Tensor]] | None = None
+                 terms: list[dict[str, torch.Tensor]] | None = None,
+                 memory: list[dict[str, torch.Tensor]] | None = None
                  ) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, float]]]:
     """Train ``len(datas)`` clients with their local update, vectorised over clients.
 
@@ -211,7 +214,9 @@ def train_cohort(model: torch.nn.Module, start_state, datas: list, generators: l
     ``algorithm``: the strategy's client (default: plain :class:`fedlt.api.client.ClientAlgorithm`); its
     batched hooks define the step: ``batched_loss`` (one client's batch -> objective and metrics),
     ``batched_groups`` (the parameter groups and their SGD settings) and the per-client loss tensors ``terms``
-    (default: ``algorithm.batched_terms`` of a context on each client's data).
+    (default: ``algorithm.batched_terms`` of a context on each client's data); ``batched_grads`` maps each
+    client's gradients to what its SGD steps with; ``memory``: each client's ``batched_memory`` (running
+    tensors, replaced at each of its steps by ``batched_accumulate``), updated in place to the final values.
 
     Every step is ONE vmapped call: the clients' images live on the device in one tensor and each step gathers
     and augments all clients' batches at once from precomputed tables (:func:`_schedule`). The clients training
@@ -276,7 +281,27 @@ def train_cohort(model: torch.nn.Module, start_state, datas: list, generators: l
         loss, metrics = functional_call(objective, state, (x, y, w, t))
         return loss, {"train/loss": loss, **metrics}
 
-    step_fn = vmap(grad_and_value(loss_of, has_aux=True), in_dims=(0, 0, 0, 0, 0, 0), randomness="error")
+    objective_grad = grad_and_value(loss_of, has_aux=True)
+    accumulate = bool(memory) and bool(memory[order[0]])
+    mem_stack = ({n: torch.stack([memory[i][n].to(device) for i in order]).contiguous() for n in memory[order[0]]}
+                 if accumulate else {})
+    transform = type(algorithm).batched_grads is not ClientAlgorithm.batched_grads
+    if not (accumulate or transform):
+        plain = vmap(objective_grad, in_dims=(0, 0, 0, 0, 0, 0), randomness="error")
+
+        def step_fn(p, b, x, y, w, t, m):
+            return (*plain(p, b, x, y, w, t), m)
+    else:  # the algorithm's per-client running sums and gradient transform, inside the same vmapped call
+
+        def step_of(p, b, x, y, w, t, m):
+            grads, aux = objective_grad(p, b, x, y, w, t)
+            if accumulate:
+                m = algorithm.batched_accumulate(m, grads, p, t)
+            if transform:
+                grads = algorithm.batched_grads(grads, p, t)
+            return grads, aux, m
+
+        step_fn = vmap(step_of, in_dims=(0, 0, 0, 0, 0, 0, 0), randomness="error")
     sums: dict[str, torch.Tensor] = {}
     with masked_bn:
         for s in range(total_steps):
@@ -292,9 +317,12 @@ def train_cohort(model: torch.nn.Module, start_state, datas: list, generators: l
             p = {n: v[:a] for n, v in params.items()}  # views: in-place updates land in the stacks
             b = {n: v[:a] for n, v in buffers.items()}  # BatchNorm updates these running statistics in place
             t = {n: v[:a] for n, v in term_stack.items()}
-            grads, (_, metrics) = step_fn(p, b, x.view(a, bs, *x.shape[1:]), labels[index].view(a, bs),
-                                          table["valid"][s, :a].to(x.dtype), t)
+            grads, (_, metrics), m = step_fn(p, b, x.view(a, bs, *x.shape[1:]), labels[index].view(a, bs),
+                                             table["valid"][s, :a].to(x.dtype), t,
+                                             {n: v[:a] for n, v in mem_stack.items()})
             with torch.no_grad():  # torch.optim.SGD's multi-tensor arithmetic (dampening 0, no Nesterov)
+                for name, v in m.items() if accumulate else ():
+                    mem_stack[name][:a].copy_(v)
                 for name, v in metrics.items():
                     if name not in sums:
                         sums[name] = torch.zeros(k, device=device, dtype=v.dtype)
@@ -321,6 +349,8 @@ def train_cohort(model: torch.nn.Module, start_state, datas: list, generators: l
         steps = int(steps_of[lane])
         metrics[i] = {n: float(v[lane]) / max(steps, 1) for n, v in sums.items()}
         metrics[i].update({"train/steps": float(steps), "train/samples": float(samples_of[lane])})
+        if accumulate:
+            memory[i].update({n: v[lane].detach().cpu().clone() for n, v in mem_stack.items()})
     return states, metrics
 
 

@@ -131,8 +131,11 @@ class Dispatch:
         out = []
         if needs_client_replies(type(self.strategy)):  # its own aggregate: every client's own reply
             config[CLIENT_REPLIES] = True
+        extra = self.strategy.round_arrays(rnd)  # every client's ctx.received, as in message()
         for group in cohorts(clients, self.cfg, self.actors):
             content = RecordDict({"arrays": arrays, "config": ConfigRecord({**config, "cohort": list(group)})})
+            if extra:
+                content[RECEIVED] = ArrayRecord({k: v.detach().cpu() for k, v in extra.items()})
             if self.strategy.frozen:
                 content["frozen"] = ArrayRecord(self.strategy.frozen)
             msg = Message(content=content, dst_node_id=self.node_of_client[group[0]],

@@ -11,8 +11,10 @@ Predictor = Callable[[torch.Tensor], torch.Tensor]  # images -> logits
 
 @torch.no_grad()
 def predict_logits(predictor: Predictor, x: torch.Tensor, batch_size: int = 512, device: str = "cpu") -> torch.Tensor:
+    """Logits of ``predictor`` on ``x`` in batches; an empty ``x`` (a client without local test images) gives an
+    empty (0, classes) tensor from one call on the empty batch, so masking and scoring see the usual shape."""
     outs = [predictor(x[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)]
-    return torch.cat(outs) if outs else torch.zeros(0)
+    return torch.cat(outs) if outs else predictor(x[:0].to(device)).float().cpu()
 
 
 def absent_class_mask(test_counts: torch.Tensor) -> torch.Tensor:

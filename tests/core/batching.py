@@ -37,8 +37,9 @@ def strategy_model(server, cfg: dict) -> tuple[torch.nn.Module, dict]:
     return model, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def both_ways(server, cfg: dict, sizes=(21, 9, 3), rounds: int = 2, algo=None, batched_algo=None):
-    """Yield (round, sequential, batched) per round; each a list over clients of (state dict, extra state)."""
+def both_ways(server, cfg: dict, sizes=(21, 9, 3), rounds: int = 2, algo=None, batched_algo=None, received=None):
+    """Yield (round, sequential, batched) per round; each a list over clients of (state dict, extra state).
+    ``received``: the arrays every client gets from the server (``ctx.received``), the same each round."""
     torch.set_num_threads(1)
     model, base = strategy_model(server, cfg)
     algo = algo or server.client_cls(cfg)
@@ -51,11 +52,13 @@ def both_ways(server, cfg: dict, sizes=(21, 9, 3), rounds: int = 2, algo=None, b
         for d, g, (personal, state) in zip(datas, gens(), seq_rec, strict=True):
             model.load_state_dict(base)
             model.load_state_dict(personal, strict=False)
-            ctx = ClientContext(model=model, data=d, cfg=cfg, round=rnd, generator=g, state=dict(state))
+            ctx = ClientContext(model=model, data=d, cfg=cfg, round=rnd, generator=g, state=dict(state),
+                                received=dict(received or {}))
             algo.train(ctx)
             seq.append(({k: v.detach().clone() for k, v in model.state_dict().items()},
                         {k: v.detach().clone() for k, v in ctx.state.items()}))
-        states, extra, _ = train_group(batched_algo, model, base, bat_rec, datas, gens(), cfg, rnd, "cpu")
+        states, extra, _ = train_group(batched_algo, model, base, bat_rec, datas, gens(), cfg, rnd, "cpu",
+                                       received=received)
         bat = list(zip(states, extra, strict=True))
         yield rnd, seq, bat
         personal_of = lambda sd: {k: v for k, v in sd.items() if algo.is_personal(k)}  # noqa: E731
@@ -66,15 +69,17 @@ def both_ways(server, cfg: dict, sizes=(21, 9, 3), rounds: int = 2, algo=None, b
 
 def mismatches(seq, bat, atol: float = 1e-4, rtol: float = 1e-3) -> list[str]:
     """Keys (and extra-state keys) where the batched clients differ from the sequential ones: floats beyond the
-    tolerance, integers (BatchNorm's num_batches_tracked) at all."""
+    tolerance, integers (BatchNorm's num_batches_tracked) at all; extra state with other keys."""
+
+    def same(a, b):
+        return (torch.allclose(a.double(), b.double(), atol=atol, rtol=rtol) if a.is_floating_point()
+                else torch.equal(a, b))
+
     out = []
     for c, ((sa, ea), (sb, eb)) in enumerate(zip(seq, bat, strict=True)):
-        for k in sa:
-            a, b = sa[k], sb[k]
-            same = (torch.allclose(a.double(), b.double(), atol=atol, rtol=rtol) if a.is_floating_point()
-                    else torch.equal(a, b))
-            if not same:
-                out.append(f"client {c}: {k}")
-        if ea.keys() != eb.keys() or not all(torch.equal(ea[k], eb[k]) for k in ea):
-            out.append(f"client {c}: extra state")
+        out += [f"client {c}: {k}" for k in sa if not same(sa[k], sb[k])]
+        if ea.keys() != eb.keys():
+            out.append(f"client {c}: extra state keys {sorted(ea.keys() ^ eb.keys())[:3]}")
+        else:  # float extra state (e.g. FedDyn's lambda_i, computed from the weights) within the same tolerance
+            out += [f"client {c}: extra state {k}" for k in ea if not same(ea[k], eb[k])]
     return out

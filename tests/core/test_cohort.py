@@ -109,7 +109,7 @@ def test_unsupported_strategy_is_refused():
 
 
 @pytest.mark.parametrize("name", __import__("strategies").STRATEGIES)
-def test_every_strategy_is_batched_like_the_sequential_loop_or_refused(name):
+def test_every_strategy_is_batched_like_the_sequential_loop_or_refused(name, monkeypatch):
     """The batching matrix: each strategy either trains under client batching exactly as its own sequential
     client step does (float tolerance; two rounds, so personal state carried per client counts too; uneven
     clients, one of 3 images; BatchNorm counters exact), or is refused before Ray with the reasons (never
@@ -120,6 +120,8 @@ def test_every_strategy_is_batched_like_the_sequential_loop_or_refused(name):
 
     server = get_strategy(name)
     cfg = {**CFG, "strategy": {"name": name, **param_defaults(server.params)}}
+    if name == "feddyn":  # adaptive alpha_i reads the mean client size from the split: the synthetic clients' own
+        monkeypatch.setattr("strategies.feddyn.mean_client_size", lambda split_path: 11.0)
     reasons = unsupported_reasons(server, cfg)
     if reasons:
         with pytest.raises(ConfigError, match=f"strategy={name}.*" + reasons[0].split("(")[0][:30]):
@@ -131,9 +133,9 @@ def test_every_strategy_is_batched_like_the_sequential_loop_or_refused(name):
 
 REFUSED = {  # strategy -> what its refusal names (each reason names the method without a batched form)
     "centralized": "CentralizedClient.train", "creff": "CReFFClient.train", "ditto": "DittoClient.train",
-    "feddyn": "FedDynClient.train", "fedgrab": "FedGraBClient.train",
+    "fedgrab": "FedGraBClient.train",
     "fednh": "FedNHClient.train", "fedproto": "FedProtoClient.train", "fedrep": "FedRepClient.train",
-    "moon": "MOONClient.train", "ratioloss": "RatioLossClient.loss_fn", "scaffold": "SCAFFOLDClient.train",
+    "moon": "MOONClient.train", "ratioloss": "RatioLossClient.loss_fn",
 }
 
 
@@ -145,6 +147,18 @@ def test_refused_strategies_name_the_reason(name):
     server = get_strategy(name)
     cfg = {**CFG, "strategy": {"name": name, **param_defaults(server.params)}}
     assert any(REFUSED[name] in r for r in unsupported_reasons(server, cfg)), unsupported_reasons(server, cfg)
+
+
+@pytest.mark.parametrize(("name", "why"), [
+    ("fedrep", "alternates trainable parameter sets"), ("ditto", "second full model per client")])
+def test_a_strategy_that_cannot_be_batched_says_why(name, why):
+    """Strategies whose update the vectorised trainer cannot express name the precise reason in the refusal."""
+    from fedlt.config import param_defaults
+
+    server = get_strategy(name)
+    cfg = {**CFG, "strategy": {"name": name, **param_defaults(server.params)}}
+    with pytest.raises(ConfigError, match=f"strategy={name}.*because it .*{why}"):
+        check_supported(cfg, server)
 
 
 @pytest.mark.parametrize("loss", [

@@ -167,3 +167,22 @@ def test_row_slice_recognises_the_generic_batches_only():
     assert shared_eval.row_slice(base[::2], base) is None  # strided (e.g. FedLoGe's diagnostics)
     assert shared_eval.row_slice(base[4:7].clone(), base) is None
     assert shared_eval.row_slice(base[:, :2], base) is None
+
+
+@pytest.mark.parametrize("path", ["federated", "shared_backbone"])
+def test_a_client_without_local_test_images_is_evaluated_not_failed(path, tmp_path):
+    """A tiny split can leave a client with no local test image (here client 1 of 3): its predictors give empty
+    (0, classes) logits, so its evaluation is an empty record, not a failed client (federated) or a crashed run
+    (shared backbone), and both paths agree."""
+    from fedlt.core.inprocess import run_inprocess as run_grid
+    from fedlt.data.federated import prepare
+
+    cfg = compose("dataset=synthetic_lt", "dataset.num_classes=4", "dataset.train_per_class=40",
+                  "dataset.test_per_class=10", "dataset.image_size=8", "dataset.imbalance_factor=10", "num_clients=3",
+                  "num_rounds=2", "participation=1.0", "local_epochs=1", "model.width=4", "model.feature_dim=8",
+                  "eval.every=2", f"cache_dir={tmp_path}", f"eval.personalized_path={path}")
+    plan, split, _ = prepare(cfg)
+    assert min(len(t) for t in split.client_test) == 0
+    out = run_grid(cfg, plan, get_strategy("fedavg"))
+    assert out.failures == [] and out.rows[-1]["eval/clients"] == 3
+    assert out.rows[-1]["personalized/accuracy"] == pytest.approx(0.5267857142857143)
