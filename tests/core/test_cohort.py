@@ -3,32 +3,17 @@
 ``loss=`` (per-client loss parameters) --, the Flower cohort reply is the sample-weighted average (or, for a
 server with its own aggregate, every client's own reply), and the other strategies are refused naming why."""
 
-import numpy as np
 import pytest
 import torch
 
 from fedlt.config import ConfigError
-from fedlt.data.federated import ClientData, DataPlan
 from fedlt.api.client import ClientAlgorithm, ClientContext
 from fedlt.core.cohort import check_supported, train_cohort
 from strategies import get_strategy
 from fedlt.models import build_model
 from fedlt.seeding import torch_generator
 
-PLAN = DataPlan(source_name="synthetic", source_cache="", split_path="", mean=(0.5,), std=(0.25,), num_classes=4,
-                num_clients=3, augment_padding=1, augment_hflip=True)
-CFG = {"optimizer": {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3}, "local_epochs": 2, "batch_size": 8,
-       "loss": {"name": "ce"}, "seed": 3, "num_rounds": 3, "strategy": {"name": "fedavg"}}
-
-
-def synthetic_client(cid: int, n: int) -> ClientData:
-    rng = np.random.default_rng(cid)
-    y = torch.from_numpy(rng.integers(0, 4, n)).long()
-    x = torch.from_numpy(rng.integers(0, 256, (n, 10, 10, 1), dtype=np.uint8))
-    x[..., 0] = (x[..., 0] // 2 + (y * 30).view(-1, 1, 1).to(torch.uint8))  # learnable signal
-    return ClientData(client_id=cid, train_x=x, train_y=y, test_x=torch.zeros(0, 1, 10, 10), test_y=y[:0],
-                      train_counts=torch.bincount(y, minlength=4), test_counts=torch.zeros(4, dtype=torch.long),
-                      plan=PLAN)
+from tests.core.batching import CFG, PLAN, synthetic_client
 
 
 @pytest.fixture
