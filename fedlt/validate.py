@@ -58,7 +58,7 @@ SECTIONS = {
                 "torch_threads", "server_threads", "flush_denormal", "deterministic", "round_timeout_s",
                 "startup_timeout_s", "actor_max_restarts", "actor_task_retries", "min_clients_per_round",
                 "log_to_driver", "init_args", "client_data_cache_mb", "client_batching", "batching_group",
-                "malloc_arena_max"),
+                "batched_autocast", "malloc_arena_max"),
 }
 MIN_ROUND_TIMEOUT_S = 1.0  # below this every client "times out" before it could start
 
@@ -350,6 +350,12 @@ def _backend(cfg: dict) -> None:
         check_float(cfg, "backend.client_data_cache_mb", 0.0)
     if "batching_group" in b:
         check_int(cfg, "backend.batching_group", 0)
+    if b.get("batched_autocast") is not None:
+        check_choice(cfg, "backend.batched_autocast", ("none", "bf16"))
+        if b["batched_autocast"] == "bf16" and not b.get("client_batching"):
+            fail("backend.batched_autocast", "bf16", "bf16 autocast applies to the vectorised cohort step only: "
+                 "set backend.client_batching=true with it, or leave backend.batched_autocast=none (float32, the "
+                 "default)")
     if b.get("malloc_arena_max") is not None:
         check_int(cfg, "backend.malloc_arena_max", 0)
     device = str(b.get("device", "auto"))

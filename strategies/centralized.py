@@ -35,6 +35,11 @@ def pooled_data(plan: DataPlan) -> ClientData:
 
 
 class CentralizedClient(ClientAlgorithm):
+    batched_refusal = ("trains one virtual client on the pooled training set of all clients (train swaps ctx.data "
+                       "for it), while the vectorised trainer draws each client's batches from that client's own "
+                       "data, which no batched hook replaces (and each round samples that one client: there is no "
+                       "cohort to vectorise)")
+
     def __init__(self, cfg: dict):
         super().__init__(cfg)
         self._pooled: tuple[DataPlan, ClientData] | None = None

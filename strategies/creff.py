@@ -74,9 +74,16 @@ class CReFFClient(ClientAlgorithm):
         base.creff_head = copy.deepcopy(base.head).requires_grad_(False)  # set by the server, never trained here
         return base
 
+    # client batching: the same upload from the received global model, computed before the cohort's batches are
+    # drawn (so the client's generator is consumed in the same order as by train), then the default local SGD
+    batched_ready = True
+
     def train(self, ctx: ClientContext) -> dict[str, float]:
         ctx.uploads.update(self.gradient_upload(ctx))  # from the received global body, before local training
         return super().train(ctx)
+
+    def batched_begin(self, ctx: ClientContext) -> None:
+        ctx.uploads.update(self.gradient_upload(ctx))
 
     def gradient_upload(self, ctx: ClientContext) -> dict[str, torch.Tensor]:
         model, data, s = ctx.model, ctx.data, ctx.strategy

@@ -136,6 +136,12 @@ class GradientBalancer:
 
 
 class FedGraBClient(ClientAlgorithm):
+    batched_refusal = ("re-weights every step's loss by per-class PID controllers driven by running sums of its "
+                       "per-logit gradient magnitudes, leaving classes out by a fresh random draw at each step, "
+                       "while the vectorised trainer's batched_loss sees only fixed per-client terms (not the "
+                       "running batched_memory), batched_accumulate never sees the logits, and its vmap refuses "
+                       "random draws")
+
     def loss_fn(self, ctx: ClientContext) -> GradientBalancer:
         """A balancer started from a copy of the client's state (``train`` saves it back; a fine-tuning copy with
         ``personalization.finetune_loss=run`` leaves the state alone)."""

@@ -123,6 +123,9 @@ def class_means(model: nn.Module, data: ClientData, batch_size: int, device: str
 
 
 class FedNHClient(ClientAlgorithm):
+    """Client batching: ``batched_begin`` sets the received prototypes (the same for the whole cohort), the default
+    hooks run the same local SGD with W frozen, and ``batched_end`` uploads the class means as ``train`` does."""
+
     extra_uploads = ("per-class normalised mean features of the client's training set and its per-class training "
                      "counts (fednh.*)")
 
@@ -138,10 +141,27 @@ class FedNHClient(ClientAlgorithm):
         set_prototypes(model, ctx.received.get(GLOBAL))
         model.train()
         metrics = self.local_epochs(ctx, model, [p for p in model.parameters() if p.requires_grad])  # W frozen
-        means, counts = class_means(model, ctx.data, int(ctx.cfg["batch_size"]), ctx.device)
+        self.upload_class_means(ctx)
+        return metrics
+
+    def upload_class_means(self, ctx: ClientContext) -> None:
+        """After training: the client's normalised class means and counts into ``ctx.uploads``."""
+        means, counts = class_means(ctx.model, ctx.data, int(ctx.cfg["batch_size"]), ctx.device)
         ctx.uploads[UP + "proto"] = means.float().cpu()
         ctx.uploads[UP + "count"] = counts.float().cpu()
-        return metrics
+
+    # client batching: the same local SGD (default batched_loss / terms / groups: W is a buffer, never trained)
+    batched_ready = True
+
+    def batched_begin(self, ctx: ClientContext) -> None:
+        # W is a non-persistent buffer: not in the state dict, so not part of the stacked start state and not
+        # swapped by functional_call -- the trainer reads it from ctx.model itself, the module it vmaps. Setting it
+        # here is within batched_begin's contract: it is the same for every client of the cohort (every client
+        # gets the same received prototypes) and survives each client's load_state_dict before batched_end.
+        set_prototypes(ctx.model, ctx.received.get(GLOBAL))
+
+    def batched_end(self, ctx: ClientContext) -> None:
+        self.upload_class_means(ctx)
 
     def predictors(self, ctx: ClientContext):
         set_prototypes(ctx.model, ctx.received.get(GLOBAL))

@@ -79,6 +79,10 @@ def prototype_logits(f: torch.Tensor, protos: torch.Tensor, present: torch.Tenso
 class FedProtoClient(ClientAlgorithm):
     personal_prefixes = ("",)  # the whole model stays on the client
     extra_uploads = "per-class mean features and per-class counts of the last local epoch (fedproto.*)"
+    batched_refusal = ("uploads the per-class means of the features of its last local epoch's batches "
+                       "(fedproto.proto), while in the vectorised trainer only batched_loss sees a batch's "
+                       "features and it returns per-client scalars averaged over all steps, and batched_accumulate "
+                       "sees only a step's gradients, parameters and terms")
 
     @classmethod
     def personalization_stage(cls, cfg: dict) -> str:

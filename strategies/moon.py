@@ -25,6 +25,13 @@ Deviations: only ``model_buffer_size = 1`` (the official default and the paper's
 not a pool of several); a client never sampled before contributes no negative (officially, with partial
 participation, it would contrast against its untrained initial network from round 2 on). Uploads besides
 weights: none.
+
+Client batching (``backend.client_batching``): ``batched_terms`` carries each client's two frozen models (the
+received global state and its previous local model, or the global state with ``has_prev`` 0 for a first-time
+client) as per-client tensors, so the vmapped ``batched_loss`` runs both through the same network with
+``functional_call`` in eval mode; the contrastive term is the same per-sample cross-entropy over two logits,
+multiplied by ``has_prev`` (exactly 0 where the sequential row has a single logit). Memory: two extra model
+copies per client of the cohort.
 """
 
 from __future__ import annotations
@@ -35,11 +42,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 from fedlt.api.client import ClientContext
 from fedlt.config import param
 from fedlt.models import build_head, head_name
 from fedlt.train.local import run_local_epochs, sgd
+from fedlt.train.losses import masked_loss
 from strategies.fedavg import FedAvgClient, FedAvgParams
 from strategies.fedavg import Server as FedAvgServer
 
@@ -82,7 +91,22 @@ def frozen_copy(model: nn.Module, state: dict | None = None) -> nn.Module:
     return other.eval().requires_grad_(False)
 
 
+_GLOBAL, _PREVIOUS, _HAS_PREV = "moon.global.", "moon.previous.", "moon.has_prev"  # batched_terms keys
+
+
+class _Features(nn.Module):
+    """``model.features`` as a module, so that ``functional_call`` runs it with a frozen model's state."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.features(x)
+
+
 class MOONClient(FedAvgClient):
+    batched_ready = True  # client batching: batched_terms / batched_loss / batched_end below
     @staticmethod
     def build_model(base: nn.Module, cfg: dict) -> nn.Module:
         dim = int(cfg["strategy"]["projection_dim"])
@@ -118,6 +142,40 @@ class MOONClient(FedAvgClient):
         ctx.state.clear()
         ctx.state.update({PREV + k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
         return {**metrics, "train/contrastive_loss": con_total[0] / max(metrics["train/steps"], 1.0)}
+
+    # ------------------------------------------------------------- client batching (backend.client_batching)
+    def batched_terms(self, ctx: ClientContext) -> dict[str, torch.Tensor]:
+        terms = super().batched_terms(ctx)
+        glob = {k: v.detach().clone() for k, v in ctx.model.state_dict().items()}
+        saved = {k[len(PREV):]: v for k, v in ctx.state.items() if k.startswith(PREV)}
+        terms.update({_GLOBAL + k: v for k, v in glob.items()})
+        terms.update({_PREVIOUS + k: v for k, v in (saved or glob).items()})  # same keys for every client
+        terms[_HAS_PREV] = torch.tensor(1.0 if saved else 0.0)
+        return terms
+
+    def batched_loss(self, model, x, y, weight, terms):
+        s = self.cfg["strategy"]
+        mu, temperature = float(s["mu"]), float(s["temperature"])
+        z = model.features(x)
+        loss = masked_loss(terms, model.head(z), y, weight)
+        features = _Features(model)
+
+        def frozen(prefix: str) -> torch.Tensor:
+            state = {"model." + k[len(prefix):]: v for k, v in terms.items() if k.startswith(prefix)}
+            return functional_call(features, state, (x,)).detach()
+
+        model.eval()  # the frozen models run in eval mode (BatchNorm on their running statistics), as in train
+        z_glob, z_prev = frozen(_GLOBAL), frozen(_PREVIOUS)
+        model.train()
+        pos = F.cosine_similarity(z, z_glob, dim=-1) / temperature
+        neg = F.cosine_similarity(z, z_prev, dim=-1) / temperature
+        per_sample = torch.logsumexp(torch.stack([pos, neg], 1), 1) - pos  # CE of the logits [pos, neg], target 0
+        con = terms[_HAS_PREV] * (per_sample * weight).sum() / weight.sum()
+        return loss + mu * con, {"train/loss": loss + mu * con, "train/contrastive_loss": con}
+
+    def batched_end(self, ctx: ClientContext) -> None:
+        ctx.state.clear()
+        ctx.state.update({PREV + k: v.detach().cpu().clone() for k, v in ctx.model.state_dict().items()})
 
 
 @dataclass(frozen=True)

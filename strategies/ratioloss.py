@@ -152,16 +152,32 @@ def estimate_composition(per_step: torch.Tensor, owned: torch.Tensor, summed_upd
 
 # ------------------------------------------------------------------------------------------ the algorithm
 class RatioLossClient(ClientAlgorithm):
-    def loss_fn(self, ctx: ClientContext):
+    """Client batching: the Ratio Loss is ``masked_loss``'s ``class_weight`` term without ``norm_weight`` (the mean
+    of alpha_y * CE over the real samples), so ``batched_terms`` carries alpha and the default ``batched_loss``
+    computes exactly ``loss_fn``'s loss; plain CE rounds take the default terms, as ``loss_fn`` does."""
+
+    batched_ready = True
+
+    @staticmethod
+    def ratio_weights(ctx: ClientContext) -> torch.Tensor | None:
+        """The received per-class weights alpha, or None for plain CE: round 1 (no weights yet) or weights
+        forced to 1. The same for every client of a round (every client gets the same ``received``)."""
         w = ctx.received.get(WEIGHTS)
-        if w is None or bool(torch.all(w == 1)):  # round 1 (no weights yet) or weights forced to 1: plain CE
+        return None if w is None or bool(torch.all(w == 1)) else w.to(ctx.device, torch.float32)
+
+    def loss_fn(self, ctx: ClientContext):
+        w = self.ratio_weights(ctx)
+        if w is None:
             return super().loss_fn(ctx)
-        w = w.to(ctx.device, torch.float32)
 
         def ratio_loss(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             return (w[y] * F.cross_entropy(z, y, reduction="none")).mean()
 
         return ratio_loss
+
+    def batched_terms(self, ctx: ClientContext) -> dict[str, torch.Tensor]:
+        w = self.ratio_weights(ctx)
+        return super().batched_terms(ctx) if w is None else {"class_weight": w}
 
 
 @dataclass(frozen=True)

@@ -172,8 +172,10 @@ class ClientAlgorithm:
     # ------------------------------------------------------------- client batching (backend.client_batching)
     def batched_begin(self, ctx: ClientContext) -> None:
         """Client batching: what ``train`` does for this client before its first batch (e.g. initialise a
-        personal head). ``ctx.model`` holds the client's start state; only personal state and ``ctx.state`` may
-        change here (the shared start state is the same for every client of the cohort)."""
+        personal head, or compute an upload from the received model, e.g. CReFF's). ``ctx.model`` holds the
+        client's start state; only personal state, ``ctx.state`` and ``ctx.uploads`` may change here (the shared
+        start state is the same for every client of the cohort). It runs before the client's batches are drawn,
+        so it may consume ``ctx.generator`` as ``train`` does before its first batch."""
 
     def batched_terms(self, ctx: ClientContext) -> dict[str, torch.Tensor]:
         """Client batching: this client's tensors for :meth:`batched_loss` (stacked over the cohort and vmapped;

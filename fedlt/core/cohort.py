@@ -89,7 +89,8 @@ class _MaskedBatchNorm:
     a padded batch only (``mask``: one 0/1 weight per sample), so clients whose batch is shorter than batch_size
     (an epoch's last batch) share the vectorised call of the others. ``F.batch_norm`` has no sample mask, hence
     this re-implementation of its training branch (same formulas: biased variance to normalise, unbiased
-    variance and ``momentum`` for the running statistics). Steps where every batch is full use the stock layer."""
+    variance and ``momentum`` for the running statistics). Steps where every batch is full use the stock layer.
+    Under bf16 autocast (``backend.batched_autocast``) every BatchNorm runs in float32, as its statistics do."""
 
     def __init__(self, model: torch.nn.Module):
         self.layers = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
@@ -109,8 +110,10 @@ class _MaskedBatchNorm:
         original = type(bn).forward.__get__(bn)
 
         def forward(x: torch.Tensor) -> torch.Tensor:
+            dtype = x.dtype  # bf16 under backend.batched_autocast: BatchNorm runs in float32, as its statistics
+            x = x.float()
             if not (self.enabled and bn.training):
-                return original(x)
+                return original(x).to(dtype)
             dims = [0, *range(2, x.dim())]
             shape = [1, -1] + [1] * (x.dim() - 2)
             m = self.mask.view([-1] + [1] * (x.dim() - 1))
@@ -127,7 +130,7 @@ class _MaskedBatchNorm:
                     f = bn.momentum if bn.momentum is not None else 1.0 / bn.num_batches_tracked.to(mean.dtype)
                     bn.running_mean.mul_(1 - f).add_(mean * f)
                     bn.running_var.mul_(1 - f).add_(var * (count / (count - 1)) * f)
-            return y
+            return y.to(dtype)
 
         return forward
 
@@ -302,6 +305,9 @@ def train_cohort(model: torch.nn.Module, start_state, datas: list, generators: l
             return grads, aux, m
 
         step_fn = vmap(step_of, in_dims=(0, 0, 0, 0, 0, 0, 0), randomness="error")
+    # backend.batched_autocast=bf16: the step's forward and backward under bfloat16 autocast (tensor cores on a
+    # GPU); weights, optimizer arithmetic and BatchNorm statistics stay float32
+    bf16 = str((cfg.get("backend") or {}).get("batched_autocast") or "none") == "bf16"
     sums: dict[str, torch.Tensor] = {}
     with masked_bn:
         for s in range(total_steps):
@@ -317,15 +323,16 @@ def train_cohort(model: torch.nn.Module, start_state, datas: list, generators: l
             p = {n: v[:a] for n, v in params.items()}  # views: in-place updates land in the stacks
             b = {n: v[:a] for n, v in buffers.items()}  # BatchNorm updates these running statistics in place
             t = {n: v[:a] for n, v in term_stack.items()}
-            grads, (_, metrics), m = step_fn(p, b, x.view(a, bs, *x.shape[1:]), labels[index].view(a, bs),
-                                             table["valid"][s, :a].to(x.dtype), t,
-                                             {n: v[:a] for n, v in mem_stack.items()})
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+                grads, (_, metrics), m = step_fn(p, b, x.view(a, bs, *x.shape[1:]), labels[index].view(a, bs),
+                                                 table["valid"][s, :a].to(x.dtype), t,
+                                                 {n: v[:a] for n, v in mem_stack.items()})
             with torch.no_grad():  # torch.optim.SGD's multi-tensor arithmetic (dampening 0, no Nesterov)
                 for name, v in m.items() if accumulate else ():
                     mem_stack[name][:a].copy_(v)
                 for name, v in metrics.items():
                     if name not in sums:
-                        sums[name] = torch.zeros(k, device=device, dtype=v.dtype)
+                        sums[name] = torch.zeros(k, device=device, dtype=torch.promote_types(v.dtype, torch.float32))
                     sums[name][:a] += v.detach()
                 for names, lr, momentum, wd, _ in groups:
                     if not names:

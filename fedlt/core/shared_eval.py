@@ -146,7 +146,7 @@ class SharedEvaluation:
             rows = row_slice(x, base)
             if rows is None or args or kwargs:
                 return original(x, *args, **kwargs)
-            return h[rows[0]:rows[1]]
+            return h[rows]
 
         module.forward = forward
         try:
@@ -221,15 +221,20 @@ def label_view(plan: DataPlan, cid: int) -> tuple[ClientData, np.ndarray]:
     return data, te
 
 
-def row_slice(x: torch.Tensor, base: torch.Tensor) -> tuple[int, int] | None:
-    """(start, stop) when ``x`` is ``base[start:stop]`` (a view of the same rows), else None."""
+def row_slice(x: torch.Tensor, base: torch.Tensor) -> slice | None:
+    """The slice ``s`` when ``x`` is ``base[s]``, a view of rows of ``base`` (contiguous, the generic batches, or
+    strided, e.g. FedLoGe's diagnostics on every k-th test image), else None."""
     if (x.device != base.device or x.dtype != base.dtype or x.dim() != base.dim() or x.shape[1:] != base.shape[1:]
-            or x.stride() != base.stride() or x.untyped_storage().data_ptr() != base.untyped_storage().data_ptr()):
+            or x.stride()[1:] != base.stride()[1:]
+            or x.untyped_storage().data_ptr() != base.untyped_storage().data_ptr()):
         return None
     offset = x.storage_offset() - base.storage_offset()
-    step = base.stride(0)
-    if step <= 0 or offset < 0 or offset % step:
+    row = base.stride(0)
+    if row <= 0 or offset < 0 or offset % row:
         return None
-    start = offset // step
-    stop = start + x.shape[0]
-    return (start, stop) if stop <= base.shape[0] else None
+    step = 1 if x.shape[0] <= 1 else x.stride(0) // row
+    if step <= 0 or (x.shape[0] > 1 and x.stride(0) % row):
+        return None
+    start = offset // row
+    stop = start + max(x.shape[0] - 1, 0) * step + 1 if x.shape[0] else start
+    return slice(start, stop, step) if stop <= base.shape[0] else None

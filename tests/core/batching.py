@@ -37,9 +37,12 @@ def strategy_model(server, cfg: dict) -> tuple[torch.nn.Module, dict]:
     return model, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def both_ways(server, cfg: dict, sizes=(21, 9, 3), rounds: int = 2, algo=None, batched_algo=None, received=None):
+def both_ways(server, cfg: dict, sizes=(21, 9, 3), rounds: int = 2, algo=None, batched_algo=None, received=None,
+              uploads: list | None = None):
     """Yield (round, sequential, batched) per round; each a list over clients of (state dict, extra state).
-    ``received``: the arrays every client gets from the server (``ctx.received``), the same each round."""
+    ``received``: the arrays every client gets from the server (``ctx.received``), the same each round.
+    ``uploads``: when given, each round appends (sequential, batched), each a list over clients of its
+    ``ctx.uploads``."""
     torch.set_num_threads(1)
     model, base = strategy_model(server, cfg)
     algo = algo or server.client_cls(cfg)
@@ -48,17 +51,20 @@ def both_ways(server, cfg: dict, sizes=(21, 9, 3), rounds: int = 2, algo=None, b
     seq_rec = bat_rec = [({}, {}) for _ in sizes]
     for rnd in range(1, rounds + 1):
         gens = lambda: [torch_generator(3, 2, rnd, c) for c in range(len(sizes))]  # noqa: E731
-        seq = []
+        seq, seq_up, bat_up = [], [], []
         for d, g, (personal, state) in zip(datas, gens(), seq_rec, strict=True):
             model.load_state_dict(base)
             model.load_state_dict(personal, strict=False)
             ctx = ClientContext(model=model, data=d, cfg=cfg, round=rnd, generator=g, state=dict(state),
                                 received=dict(received or {}))
             algo.train(ctx)
+            seq_up.append(dict(ctx.uploads))
             seq.append(({k: v.detach().clone() for k, v in model.state_dict().items()},
                         {k: v.detach().clone() for k, v in ctx.state.items()}))
         states, extra, _ = train_group(batched_algo, model, base, bat_rec, datas, gens(), cfg, rnd, "cpu",
-                                       received=received)
+                                       received=received, uploads=bat_up)
+        if uploads is not None:
+            uploads.append((seq_up, bat_up))
         bat = list(zip(states, extra, strict=True))
         yield rnd, seq, bat
         personal_of = lambda sd: {k: v for k, v in sd.items() if algo.is_personal(k)}  # noqa: E731

@@ -55,6 +55,38 @@ def test_vectorised_clients_match_the_sequential_loop(model, sizes, steps):
     assert float((bat[0][rm] - bat[1][rm]).abs().max()) > 1e-3
 
 
+def test_bf16_autocast_trains_near_the_float32_weights(model):
+    """``backend.batched_autocast=bf16``: the vectorised step really runs in bfloat16 (the weights are not the
+    float32 ones) yet each client's update stays within bf16 rounding of the float32 update; BatchNorm's step
+    counters and the weights' dtype are unchanged."""
+    torch.set_num_threads(1)
+    datas = [synthetic_client(i, n) for i, n in enumerate((21, 9, 3))]
+    gens = lambda: [torch_generator(3, 2, 1, c) for c in range(3)]  # noqa: E731
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    fp32, _ = train_cohort(model, start, datas, gens(), CFG)
+    bf16, metrics = train_cohort(model, start, datas, gens(), {**CFG, "backend": {"batched_autocast": "bf16"}})
+    assert all(torch.isfinite(torch.tensor(m["train/loss"])) for m in metrics)
+    for a, b in zip(fp32, bf16, strict=True):
+        for k in a:
+            assert a[k].dtype == b[k].dtype, k
+            if not a[k].is_floating_point():
+                assert torch.equal(a[k], b[k]), k
+        w = "head.weight"
+        update, diff = (a[w] - start[w]).norm(), (a[w] - b[w]).norm()
+        assert 0 < diff < 0.2 * update, (float(diff), float(update))
+
+
+def test_bf16_autocast_needs_client_batching():
+    from tests.core.probe import compose
+
+    with pytest.raises(ConfigError, match=r"backend\.batched_autocast='bf16'.*client_batching=true"):
+        compose("experiment=smoke", "backend.batched_autocast=bf16")
+    with pytest.raises(ConfigError, match=r"backend\.batched_autocast='fp16'.*none, bf16"):
+        compose("experiment=smoke", "backend.client_batching=true", "backend.batched_autocast=fp16")
+    assert compose("experiment=smoke", "backend.client_batching=true",
+                   "backend.batched_autocast=bf16")["backend"]["batched_autocast"] == "bf16"
+
+
 def test_cohort_reply_is_the_sample_weighted_average(model, tmp_path):
     from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
@@ -85,10 +117,10 @@ def test_cohort_reply_is_the_sample_weighted_average(model, tmp_path):
 
 
 def test_unsupported_strategy_is_refused():
-    cfg = {**CFG, "strategy": {"name": "moon", "mu": 1.0, "temperature": 0.5}}
-    with pytest.raises(ConfigError, match=r"backend\.client_batching=true for strategy=moon.*own train\(\) "
-                                          r"\(MOONClient\.train\) with no batched form"):
-        check_supported(cfg, get_strategy("moon"))
+    cfg = {**CFG, "strategy": {"name": "fedproto", "lamda": 0.1, "proto_weighting": "counts"}}
+    with pytest.raises(ConfigError, match=r"backend\.client_batching=true for strategy=fedproto.*own train\(\) "
+                                          r"\(FedProtoClient\.train\) with no batched form because it uploads"):
+        check_supported(cfg, get_strategy("fedproto"))
     check_supported(CFG, get_strategy("fedavg"))  # fedavg is supported
     check_supported({**CFG, "loss": {"name": "focal"}}, get_strategy("fedavg"))  # so is every loss=
 
@@ -116,11 +148,52 @@ def test_every_strategy_is_batched_like_the_sequential_loop_or_refused(name, mon
         assert not mismatches(seq, bat), (name, rnd, mismatches(seq, bat))
 
 
+def test_ratioloss_is_batched_with_the_received_class_weights():
+    """The matrix passes no ``received``, i.e. only Ratio Loss's plain-CE rounds; with the server's non-trivial
+    per-class weights each client's weighted CE (a plain mean of alpha_y * CE) is batched as it trains alone."""
+    from fedlt.config import param_defaults
+    from strategies.ratioloss import WEIGHTS
+    from tests.core.batching import both_ways, mismatches
+
+    server = get_strategy("ratioloss")
+    cfg = {**CFG, "strategy": {"name": "ratioloss", **param_defaults(server.params)}}
+    received = {WEIGHTS: torch.tensor([1.0, 3.5, 0.6, 8.0])}
+    for rnd, seq, bat in both_ways(server, cfg, received=received):
+        assert not mismatches(seq, bat), (rnd, mismatches(seq, bat))
+
+
+def test_fednh_is_batched_with_the_received_prototypes_and_uploads_the_same_class_means():
+    """FedNH under client batching: the received global prototypes (not the initial ones) classify during the
+    batched local SGD, and each client uploads the class means and counts its own ``train`` uploads."""
+    import torch.nn.functional as F
+
+    from fedlt.config import param_defaults
+    from strategies.fednh import GLOBAL, UP, FedNHClient, set_prototypes
+    from tests.core.batching import both_ways, mismatches
+
+    class Sequential(FedNHClient):  # leaves the initial prototypes in the shared model, as a fresh node holds
+        def train(self, ctx):
+            metrics = super().train(ctx)
+            set_prototypes(ctx.model, None)  # W is not in the state dict: the trained weights are unchanged
+            return metrics
+
+    server = get_strategy("fednh")
+    cfg = {**CFG, "strategy": {"name": "fednh", **param_defaults(server.params)}}
+    received = {GLOBAL: F.normalize(torch.randn(4, 16, generator=torch.Generator().manual_seed(5)), dim=1)}
+    uploads: list = []
+    for rnd, seq, bat in both_ways(server, cfg, algo=Sequential(cfg), batched_algo=FedNHClient(cfg),
+                                   received=received, uploads=uploads):
+        assert not mismatches(seq, bat), (rnd, mismatches(seq, bat))
+    for seq_up, bat_up in uploads:
+        for a, b in zip(seq_up, bat_up, strict=True):
+            assert set(a) == set(b) == {UP + "proto", UP + "count"}
+            for k in a:
+                assert torch.allclose(a[k], b[k], atol=1e-4, rtol=1e-3), k
+
+
 REFUSED = {  # strategy -> what its refusal names (each reason names the method without a batched form)
-    "centralized": "CentralizedClient.train", "creff": "CReFFClient.train", "ditto": "DittoClient.train",
-    "fedgrab": "FedGraBClient.train",
-    "fednh": "FedNHClient.train", "fedproto": "FedProtoClient.train", "fedrep": "FedRepClient.train",
-    "moon": "MOONClient.train", "ratioloss": "RatioLossClient.loss_fn",
+    "centralized": "CentralizedClient.train", "ditto": "DittoClient.train",
+    "fedgrab": "FedGraBClient.train", "fedproto": "FedProtoClient.train", "fedrep": "FedRepClient.train",
 }
 
 
@@ -135,7 +208,9 @@ def test_refused_strategies_name_the_reason(name):
 
 
 @pytest.mark.parametrize(("name", "why"), [
-    ("fedrep", "alternates trainable parameter sets"), ("ditto", "second full model per client")])
+    ("fedrep", "alternates trainable parameter sets"), ("ditto", "second full model per client"),
+    ("centralized", "pooled training set of all clients"), ("fedproto", "features of its last local epoch"),
+    ("fedgrab", "per-class PID controllers")])
 def test_a_strategy_that_cannot_be_batched_says_why(name, why):
     """Strategies whose update the vectorised trainer cannot express name the precise reason in the refusal."""
     from fedlt.config import param_defaults

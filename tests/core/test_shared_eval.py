@@ -158,13 +158,13 @@ def test_fedbabu_without_finetuning_shares_the_backbone():
     assert problem(cfg, *tiny_model("fedbabu", cfg)) == ""
 
 
-def test_row_slice_recognises_the_generic_batches_only():
+def test_row_slice_recognises_row_views_only():
     import torch
 
-    base = torch.zeros(10, 3, 2, 2)
-    assert shared_eval.row_slice(base[4:7], base) == (4, 7)
-    assert shared_eval.row_slice(base, base) == (0, 10)
-    assert shared_eval.row_slice(base[::2], base) is None  # strided (e.g. FedLoGe's diagnostics)
+    base = torch.arange(120.0).view(10, 3, 2, 2)
+    for rows in (slice(4, 7), slice(0, 10), slice(0, 10, 3), slice(1, 9, 2), slice(5, 6), slice(3, 3)):
+        s = shared_eval.row_slice(base[rows], base)  # contiguous (generic batches), strided (FedLoGe's diagnostics)
+        assert s is not None and torch.equal(base[s], base[rows]), rows
     assert shared_eval.row_slice(base[4:7].clone(), base) is None
     assert shared_eval.row_slice(base[:, :2], base) is None
 
