@@ -573,6 +573,10 @@ def updates_benchmark(cfg: dict, fractional: bool = False, repeats: int = 3) -> 
                                             for a, b in zip(seq_states, bat_states, strict=True) for k in a)
     steps = [math.ceil(d.num_train / int(cfg["batch_size"])) * int(cfg["local_epochs"]) for d in datas]
     result["steps_per_client_mean"] = round(sum(steps) / len(steps), 1)
+    # the batched run takes as many steps as its longest client: even if a step of every client cost what one
+    # client's step costs, the speed-up could not exceed sum(steps) / max(steps) (the lanes' critical path)
+    result["steps_per_client_max"] = max(steps, default=0)
+    result["critical_path_bound"] = round(sum(steps) / max(max(steps, default=0), 1), 1)
     if fractional:
         result["fractional_gpu_run"] = _fractional_run(cfg, device)
     return result

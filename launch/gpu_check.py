@@ -55,6 +55,10 @@ def sizes(device: str, cifar: Path | None) -> dict:
     b = [{"label": f"{int(n * p)} of {n}, {name}", "num_clients": n, "participation": p, "partition": name,
           "overrides": [*b_base, f"num_clients={n}", f"participation={p}", *pov]}
          for name, pov in partitions for n, p in cohorts]
+    n, p = cohorts[-1]  # the largest IID cohort once more, its vectorised step under bf16 autocast (fp32 weights)
+    b.append({"label": f"{int(n * p)} of {n}, iid, bf16 autocast", "num_clients": n, "participation": p,
+              "partition": "iid", "overrides": [*b_base, f"num_clients={n}", f"participation={p}", "partition=iid",
+                                                "backend.client_batching=true", "backend.batched_autocast=bf16"]})
     if gpu:
         c = [f"dataset.path={cifar}"] if cifar is not None else []
         c += [*frac, "backend.num_cpus=8", "backend.server_threads=8"]  # the server evaluates on the CPU
@@ -449,18 +453,21 @@ def one_line(sec: Section) -> str:
 
 
 def b_table(rows: list[dict]) -> str:
-    head = ["clients trained together (of total, partition)", "mean local steps", "sequential /s", "batched /s",
-            "speed-up", "max |w diff|"]
+    head = ["clients trained together (of total, partition)", "mean / max local steps", "sequential /s",
+            "batched /s", "speed-up", "bound", "max |w diff|"]
     out = [head]
     for r in rows:
         if "error" in r:
-            out.append([r["label"], "error: " + r["error"][:60], "", "", "", ""])
+            out.append([r["label"], "error: " + r["error"][:60], "", "", "", "", ""])
             continue
         diff = r.get("max_abs_weight_diff")
-        out.append([f"{r.get('clients_per_update_batch')} of {r['num_clients']}, {r['partition']}",
-                    str(r.get("steps_per_client_mean")), str(r.get("sequential_updates_per_s")),
+        bf16 = ", bf16 autocast" if r["label"].endswith("bf16 autocast") else ""
+        out.append([f"{r.get('clients_per_update_batch')} of {r['num_clients']}, {r['partition']}{bf16}",
+                    f"{r.get('steps_per_client_mean')} / {r.get('steps_per_client_max')}",
+                    str(r.get("sequential_updates_per_s")),
                     str(r.get("batched_updates_per_s", r.get("client_batching", "-"))),
                     f"{r['batched_speedup']}x" if "batched_speedup" in r else "-",
+                    f"{r['critical_path_bound']}x" if "critical_path_bound" in r else "-",
                     f"{diff:.2e}" if isinstance(diff, float) else "-"])
     w = [max(len(row[i]) for row in out) for i in range(len(head))]
     return "\n".join("  ".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(row)) for row in out)

@@ -55,6 +55,11 @@ def test_updates_mode_reports_sequential_and_batched_throughput_on_cpu():
     assert out["device"] == "cpu" and out["clients_per_update_batch"] == 3
     assert out["sequential_updates_per_s"] > 0 and out["batched_updates_per_s"] > 0
     assert 0 <= out["max_abs_weight_diff"] < 1  # float rounding only (tight equivalence: tests/core/test_cohort.py)
+    # the lanes' critical path: sum of the clients' steps over the longest client's, between 1 and the cohort size
+    assert out["steps_per_client_max"] >= out["steps_per_client_mean"] > 0
+    assert out["critical_path_bound"] == pytest.approx(
+        3 * out["steps_per_client_mean"] / out["steps_per_client_max"], abs=0.1)
+    assert 1 <= out["critical_path_bound"] <= 3
 
 
 def test_defaults_fill_only_what_the_user_did_not_set():

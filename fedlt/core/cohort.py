@@ -111,7 +111,8 @@ class _MaskedBatchNorm:
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             dtype = x.dtype  # bf16 under backend.batched_autocast: BatchNorm runs in float32, as its statistics
-            x = x.float()
+            if dtype in (torch.bfloat16, torch.float16):
+                x = x.float()
             if not (self.enabled and bn.training):
                 return original(x).to(dtype)
             dims = [0, *range(2, x.dim())]

@@ -49,10 +49,13 @@ def test_cpu_check_writes_every_section_and_the_summary(tmp_path):
     a = json.loads((out / "a_fractional.json").read_text())
     assert a["rounds"] == 1 and a["num_gpus_per_client"] == 0 and a["nvidia_smi"]["csv"] == "a_nvidia_smi.csv"
     b = json.loads((out / "b_throughput.json").read_text())
-    assert b["cells_done"] == 6 and {row["partition"] for row in b["rows"]} == {"iid", "dirichlet0.5"}
+    assert b["cells_done"] == 7 and {row["partition"] for row in b["rows"]} == {"iid", "dirichlet0.5"}
     for row in b["rows"]:
         assert row["sequential_updates_per_s"] > 0 and row["batched_updates_per_s"] > 0
-        assert row["max_abs_weight_diff"] < 1e-4  # client batching reproduces the one-client loop
+        if row["label"].endswith("bf16 autocast"):  # the bf16 step: near the float32 loop, not equal to it
+            assert 1e-6 < row["max_abs_weight_diff"] < 0.1, row
+        else:
+            assert row["max_abs_weight_diff"] < 1e-4  # client batching reproduces the one-client loop
     c = json.loads((out / "c_curves.json").read_text())
     assert c["rows"][0]["round"] == 5 and c["official_setting"] is False
     assert isinstance(c["rows"][0]["fedloge_fedlt"], float) and isinstance(c["rows"][0]["fedavg_fedlt"], float)
