@@ -21,7 +21,10 @@ Deviations:
   ``last``: max(10, local_ep - local_rep_ep) head epochs); fedlt evaluates the heads as trained in the rounds
   (a client never sampled keeps the initial head);
 * optimiser: the run's ``optimizer`` (the official scripts: SGD lr 0.01, momentum 0.5, weight decay 1e-4 on
-  weights), re-created for each phase (the phases train disjoint parameters, so no state is lost)."""
+  weights), re-created for each phase (the phases train disjoint parameters, so no state is lost).
+
+Client batching: the same two phases (``batched_phases``: head epochs on ``head.*``, then body epochs on
+``backbone.*``, fresh SGD state each, the clients' batch draws continuing from their generators)."""
 
 from __future__ import annotations
 
@@ -42,10 +45,15 @@ def schedule(strategy: dict, local_epochs: int) -> tuple[int, int]:
     return head, body
 
 
+def phase_metrics(head: dict[str, float], body: dict[str, float]) -> dict[str, float]:
+    """A round's metrics from its head phase's and body phase's: the loss of the last phase that ran."""
+    return {"train/loss": body["train/loss"] if body["train/steps"] else head["train/loss"],
+            "train/head_loss": head["train/loss"], "train/steps": head["train/steps"] + body["train/steps"],
+            "train/samples": head["train/samples"] + body["train/samples"]}
+
+
 class FedRepClient(FedPerClient):
-    batched_refusal = ("alternates trainable parameter sets between epochs (head epochs with the body frozen, then "
-                       "body epochs with the head frozen, each with a fresh optimizer), while the vectorised "
-                       "trainer steps one fixed set of parameter groups for all of its local_epochs epochs")
+    batched_ready = True  # client batching: the two phases below, then publish_head (FedPer's batched_end)
 
     def train(self, ctx: ClientContext) -> dict[str, float]:
         model = ctx.model
@@ -54,8 +62,14 @@ class FedRepClient(FedPerClient):
         head = self.train_only(ctx, model.head, head_epochs)
         body = self.train_only(ctx, model.backbone, body_epochs)
         self.publish_head(model)
-        return {"train/loss": body["train/loss"] if body["train/steps"] else head["train/loss"],
-                "train/head_loss": head["train/loss"], "train/steps": head["train/steps"] + body["train/steps"]}
+        return phase_metrics(head, body)
+
+    def batched_phases(self, model, cfg: dict):
+        head_epochs, body_epochs = schedule(cfg["strategy"], cfg["local_epochs"])
+        return [(head_epochs, [(("head.",), cfg["optimizer"])]), (body_epochs, [(("backbone.",), cfg["optimizer"])])]
+
+    def batched_metrics(self, phases: list[dict[str, float]]) -> dict[str, float]:
+        return phase_metrics(*phases)
 
     def train_only(self, ctx: ClientContext, part, epochs: int) -> dict[str, float]:
         """Local epochs on ``part``'s parameters only; every other parameter is frozen meanwhile."""

@@ -98,8 +98,9 @@ class ClientAlgorithm:
         personal state, ``ctx.state`` its extra state, and ``ctx.data`` its labels and counts but no images.
       * ``batched_ready`` and the ``batched_*`` hooks -- the same local update written for client batching
         (``backend.client_batching``, :mod:`fedlt.core.cohort`: a round's clients trained as ONE vmapped
-        computation): ``batched_begin``, ``batched_terms``, ``batched_groups``, ``batched_loss``,
-        ``batched_grads``, ``batched_memory`` / ``batched_accumulate``, ``batched_end``. The default hooks are
+        computation): ``batched_begin``, ``batched_terms``, ``batched_groups`` / ``batched_phases``,
+        ``batched_loss``, ``batched_grads``, ``batched_memory`` / ``batched_accumulate``, ``batched_metrics``,
+        ``batched_end``. The default hooks are
         ``train``'s plain local SGD with ``loss=``.
         A class that overrides ``train`` or ``loss_fn`` sets ``batched_ready = True`` in its own body only when
         its ``batched_*`` hooks reproduce that update (tests/core/test_cohort.py checks batched == sequential
@@ -190,6 +191,20 @@ class ClientAlgorithm:
         optimizer with per-group settings). A trainable parameter goes to the first group whose prefixes match
         (``()``: every one); one in no group is not trained. Default: every trainable parameter, ``optimizer``."""
         return [((), cfg["optimizer"])]
+
+    def batched_phases(self, model: nn.Module, cfg: dict) -> list[tuple[int, list[tuple[tuple[str, ...], dict]]]]:
+        """Client batching: the local update as phases run one after another, each (epochs, parameter groups as
+        in :meth:`batched_groups`) with fresh SGD state, every client's batches continuing from its generator,
+        e.g. FedRep's head epochs then body epochs. Default: one phase, ``local_epochs`` epochs of
+        :meth:`batched_groups`."""
+        return [(int(cfg["local_epochs"]), self.batched_groups(model, cfg))]
+
+    def batched_metrics(self, phases: list[dict[str, float]]) -> dict[str, float]:
+        """Client batching: one client's metrics from its metrics of each phase of :meth:`batched_phases` (what
+        ``train`` reports). Default: the last phase's, with "train/steps" and "train/samples" summed."""
+        if len(phases) == 1:
+            return phases[0]
+        return {**phases[-1], **{k: sum(p.get(k, 0.0) for p in phases) for k in ("train/steps", "train/samples")}}
 
     def batched_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
                      terms: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -366,7 +366,8 @@ def train_group(algo: ClientAlgorithm, model: torch.nn.Module, base: dict, recor
                 uploads: list | None = None) -> tuple[list[dict], list[dict], list[dict]]:
     """The clients of a cohort from the shared start state ``base`` (initial -> frozen -> global) and each one's
     (personal arrays, extra state) ``records``, as :func:`train` runs each of them: load its personal arrays,
-    ``batched_begin``, then ONE vectorised update of all (:func:`fedlt.core.cohort.train_cohort`), then per client
+    ``batched_begin``, then ONE vectorised update of all (:func:`fedlt.core.cohort.train_cohort`; one per phase of
+    ``batched_phases``), then per client
     ``batched_end`` on its trained state. ``received``: the round's arrays from the server (every client's
     ``ctx.received``). Returns each client's final state dict and extra state (CPU copies) and its metrics; each
     client's ``ctx.uploads`` are appended to ``uploads`` when given."""
@@ -384,8 +385,14 @@ def train_group(algo: ClientAlgorithm, model: torch.nn.Module, base: dict, recor
         terms.append(algo.batched_terms(ctx))
         ctx.memory = algo.batched_memory(ctx)
         ctxs.append(ctx)
-    states, metrics = train_cohort(model, starts, datas, gens, cfg, device, round=rnd, algorithm=algo, terms=terms,
-                                   memory=[ctx.memory for ctx in ctxs])
+    phases = []  # the algorithm's phases one after another (fresh SGD state each), the generators continuing
+    states = starts
+    for epochs, groups in algo.batched_phases(model, cfg):
+        states, metrics = train_cohort(model, states, datas, gens, {**cfg, "local_epochs": int(epochs)}, device,
+                                       round=rnd, algorithm=algo, terms=terms, memory=[ctx.memory for ctx in ctxs],
+                                       groups=groups)
+        phases.append(metrics)
+    metrics = [algo.batched_metrics([phase[i] for phase in phases]) for i in range(len(datas))]
     ends = type(algo).batched_end is not ClientAlgorithm.batched_end
     extra = []
     for i, ctx in enumerate(ctxs):

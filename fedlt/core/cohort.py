@@ -210,7 +210,8 @@ def _stack(states: list[dict[str, torch.Tensor]], keys: list[str], order: list[i
 def train_cohort(model: torch.nn.Module, start_state, datas: list, generators: list, cfg: dict,
                  device: str = "cpu", round: int | None = None, algorithm=None,
                  terms: list[dict[str, torch.Tensor]] | None = None,
-                 memory: list[dict[str, torch.Tensor]] | None = None
+                 memory: list[dict[str, torch.Tensor]] | None = None,
+                 groups: list[tuple[tuple[str, ...], dict]] | None = None
                  ) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, float]]]:
     """Train ``len(datas)`` clients with their local update, vectorised over clients.
 
@@ -221,6 +222,7 @@ def train_cohort(model: torch.nn.Module, start_state, datas: list, generators: l
     (default: ``algorithm.batched_terms`` of a context on each client's data); ``batched_grads`` maps each
     client's gradients to what its SGD steps with; ``memory``: each client's ``batched_memory`` (running
     tensors, replaced at each of its steps by ``batched_accumulate``), updated in place to the final values.
+    ``groups``: the parameter groups of this call (one phase of ``batched_phases``; default ``batched_groups``).
 
     Every step is ONE vmapped call: the clients' images live on the device in one tensor and each step gathers
     and augments all clients' batches at once from precomputed tables (:func:`_schedule`). The clients training
@@ -259,8 +261,9 @@ def train_cohort(model: torch.nn.Module, start_state, datas: list, generators: l
     model.train()
     # parameter groups: each trainable parameter in the first group whose prefixes match (() = every one);
     # one in no group is not trained (no optimizer holds it) and travels with the buffers
+    declared = algorithm.batched_groups(model, cfg) if groups is None else groups
     groups = []
-    for prefixes, opt in algorithm.batched_groups(model, cfg):
+    for prefixes, opt in declared:
         groups.append(([], float(opt["lr"]), float(opt.get("momentum", 0.0)), float(opt.get("weight_decay", 0.0)),
                        tuple(prefixes)))
     for n, p in model.named_parameters():

@@ -224,9 +224,45 @@ def test_fednh_is_batched_with_the_received_prototypes_and_uploads_the_same_clas
                 assert torch.allclose(a[k], b[k], atol=1e-4, rtol=1e-3), k
 
 
+@pytest.mark.parametrize(("local_epochs", "body_epochs"), [(3, 1), (2, 0)])
+def test_fedrep_is_batched_as_its_head_phase_then_its_body_phase(local_epochs, body_epochs):
+    """FedRep's two phases (head epochs with the body frozen, then body epochs with the head frozen, fresh SGD
+    each) under client batching: the same weights and the same reported metrics as its own train; training the
+    head and body jointly (one phase, FedPer's update) would not be."""
+    from fedlt.api.client import ClientAlgorithm
+    from fedlt.config import param_defaults
+    from fedlt.core.client_step import train_group
+    from strategies.fedrep import FedRepClient
+    from tests.core.batching import both_ways, mismatches, strategy_model
+
+    server = get_strategy("fedrep")
+    cfg = {**CFG, "local_epochs": local_epochs,
+           "strategy": {"name": "fedrep", **param_defaults(server.params), "body_epochs": body_epochs}}
+    for rnd, seq, bat in both_ways(server, cfg):
+        assert not mismatches(seq, bat), (rnd, mismatches(seq, bat))
+
+    class Joint(FedRepClient):  # the defining step removed: one phase over every parameter
+        batched_phases = ClientAlgorithm.batched_phases
+        batched_metrics = ClientAlgorithm.batched_metrics
+
+    _, seq, joint = next(both_ways(server, cfg, batched_algo=Joint(cfg)))
+    assert mismatches(seq, joint)
+    model, base = strategy_model(server, cfg)
+    algo, datas = FedRepClient(cfg), [synthetic_client(i, n) for i, n in enumerate((21, 9))]
+    gens = lambda: [torch_generator(3, 2, 1, c) for c in range(2)]  # noqa: E731
+    expected = []
+    for d, g in zip(datas, gens(), strict=True):
+        model.load_state_dict(base)
+        expected.append(algo.train(ClientContext(model=model, data=d, cfg=cfg, round=1, generator=g)))
+    _, _, metrics = train_group(algo, model, base, [({}, {})] * 2, datas, gens(), cfg, 1, "cpu")
+    for want, got in zip(expected, metrics, strict=True):
+        assert got.keys() == want.keys() and got["train/steps"] == want["train/steps"]
+        assert all(abs(got[k] - want[k]) < 1e-4 for k in want), (want, got)
+
+
 REFUSED = {  # strategy -> what its refusal names (each reason names the method without a batched form)
     "centralized": "CentralizedClient.train", "ditto": "DittoClient.train",
-    "fedgrab": "FedGraBClient.train", "fedproto": "FedProtoClient.train", "fedrep": "FedRepClient.train",
+    "fedgrab": "FedGraBClient.train", "fedproto": "FedProtoClient.train",
 }
 
 
@@ -241,7 +277,7 @@ def test_refused_strategies_name_the_reason(name):
 
 
 @pytest.mark.parametrize(("name", "why"), [
-    ("fedrep", "alternates trainable parameter sets"), ("ditto", "second full model per client"),
+    ("ditto", "second full model per client"),
     ("centralized", "pooled training set of all clients"), ("fedproto", "features of its last local epoch"),
     ("fedgrab", "per-class PID controllers")])
 def test_a_strategy_that_cannot_be_batched_says_why(name, why):
