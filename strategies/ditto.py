@@ -23,8 +23,9 @@ PERSONAL = "personal_model."  # key prefix of v in ctx.state
 
 class DittoClient(ClientAlgorithm):
     batched_refusal = ("needs a second full model per client (its personal model in ctx.state, trained for its "
-                       "own personal_epochs with a proximal term before the global model's epochs), while the "
-                       "vectorised trainer steps one model per client through one run of local_epochs")
+                       "own personal_epochs with a proximal term before the global model's epochs), while every "
+                       "phase of the vectorised trainer steps the one model each client starts from the received "
+                       "global state")
 
     @classmethod
     def personalization_stage(cls, cfg: dict) -> str:
