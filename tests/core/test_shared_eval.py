@@ -186,3 +186,16 @@ def test_a_client_without_local_test_images_is_evaluated_not_failed(path, tmp_pa
     out = run_grid(cfg, plan, get_strategy("fedavg"))
     assert out.failures == [] and out.rows[-1]["eval/clients"] == 3
     assert out.rows[-1]["personalized/accuracy"] == pytest.approx(0.5267857142857143)
+
+
+def test_the_server_pass_runs_on_the_clients_gpu_only_when_the_driver_sees_one(monkeypatch):
+    import torch
+
+    def where(**backend):
+        return shared_eval.server_pass_device({"backend": {"device": "auto", "num_gpus_per_client": 0, **backend}})
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert where() == where(device="cuda") == where(num_gpus_per_client=0.25) == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert where(num_gpus_per_client=0.25) == "cuda" and where(device="cuda:1") == "cuda:1"
+    assert where() == where(device="cpu") == "cpu"  # CPU clients: the server stays on the CPU too
