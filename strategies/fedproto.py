@@ -34,6 +34,10 @@ training classes (fedlt's masked / unmasked variants restrict classes the same w
 official CIFAR-10 run starts from ImageNet-pretrained ResNet-18 weights, fedlt from the run's initial model.
 Uploads besides weights (there are no weights): per-class mean features and per-class counts of the last epoch,
 i.e. the client's label histogram.
+
+Client batching: the pull is a loss term (the received prototypes and a 0/1 "pull" flag as per-client terms;
+``torch.where`` instead of boolean indexing), and ``batched_loss`` returns each batch's per-class feature sums
+and counts, which ``batched_collect`` keeps for the last local epoch's steps only.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from fedlt.api.client import ClientAlgorithm, ClientContext
 from fedlt.api.server import ServerAlgorithm
 from fedlt.config import param
 from fedlt.train.local import run_local_epochs, sgd
+from fedlt.train.losses import masked_loss
 from strategies._common import pop_uploads
 
 UP = "fedproto."  # upload prefix: proto (K x d), count (K)
@@ -79,10 +84,7 @@ def prototype_logits(f: torch.Tensor, protos: torch.Tensor, present: torch.Tenso
 class FedProtoClient(ClientAlgorithm):
     personal_prefixes = ("",)  # the whole model stays on the client
     extra_uploads = "per-class mean features and per-class counts of the last local epoch (fedproto.*)"
-    batched_refusal = ("uploads the per-class means of the features of its last local epoch's batches "
-                       "(fedproto.proto), while in the vectorised trainer only batched_loss sees a batch's "
-                       "features and it returns per-client scalars averaged over all steps, and batched_accumulate "
-                       "sees only a step's gradients, parameters and terms")
+    batched_ready = True  # client batching: batched_terms / batched_loss / batched_memory / batched_collect / end
 
     @classmethod
     def personalization_stage(cls, cfg: dict) -> str:
@@ -119,6 +121,39 @@ class FedProtoClient(ClientAlgorithm):
         ctx.uploads[UP + "proto"] = (sums / counts.clamp(min=1)[:, None]).cpu()
         ctx.uploads[UP + "count"] = counts.cpu()
         return {"train/loss": total / max(steps, 1.0), "train/steps": steps}
+
+    # ------------------------------------------------------------- client batching (backend.client_batching)
+    def batched_terms(self, ctx: ClientContext) -> dict[str, torch.Tensor]:
+        k, d = int(ctx.data.plan.num_classes), int(ctx.model.feature_dim)
+        received = received_prototypes(ctx)
+        pull = received is not None and bool(received[1].any())  # the same for every client of a round
+        protos, present = received if received is not None else (torch.zeros(k, d), torch.zeros(k, dtype=torch.bool))
+        return {**super().batched_terms(ctx), "fedproto.global": protos.float(), "fedproto.present": present.float(),
+                "fedproto.pull": torch.tensor(float(pull))}
+
+    def batched_loss(self, model, x, y, weight, terms):
+        f = model.features(x)
+        loss = masked_loss(terms, model.head(f), y, weight)
+        target = torch.where(terms["fedproto.present"][y][:, None] > 0, terms["fedproto.global"][y], f.detach())
+        mse = (weight[:, None] * (f - target) ** 2).sum() / (weight.sum() * f.shape[1])  # F.mse_loss, real rows
+        loss = loss + float(self.cfg["strategy"]["lamda"]) * terms["fedproto.pull"] * mse
+        classes = torch.arange(terms["fedproto.present"].shape[0], device=y.device)
+        onehot = (y[:, None] == classes[None, :]).to(f.dtype) * weight[:, None]  # F.one_hot is not vmappable
+        return loss, {"train/loss": loss, "fedproto/sums": onehot.T @ f.detach(), "fedproto/counts": onehot.sum(0)}
+
+    def batched_memory(self, ctx: ClientContext) -> dict[str, torch.Tensor]:
+        k, d = int(ctx.data.plan.num_classes), int(ctx.model.feature_dim)
+        return {"sums": torch.zeros(k, d), "counts": torch.zeros(k)}
+
+    def batched_collect(self, memory, outputs, epoch, terms):
+        last = (epoch == int(self.cfg["local_epochs"]) - 1).to(memory["sums"].dtype)  # the last epoch's batches
+        return {"sums": memory["sums"] + last * outputs["fedproto/sums"],
+                "counts": memory["counts"] + last * outputs["fedproto/counts"]}
+
+    def batched_end(self, ctx: ClientContext) -> None:
+        sums, counts = ctx.memory["sums"], ctx.memory["counts"]
+        ctx.uploads[UP + "proto"] = (sums / counts.clamp(min=1)[:, None]).cpu()
+        ctx.uploads[UP + "count"] = counts.cpu()
 
     def predictors(self, ctx: ClientContext):
         model = ctx.model.eval()

@@ -99,9 +99,8 @@ class ClientAlgorithm:
       * ``batched_ready`` and the ``batched_*`` hooks -- the same local update written for client batching
         (``backend.client_batching``, :mod:`fedlt.core.cohort`: a round's clients trained as ONE vmapped
         computation): ``batched_begin``, ``batched_terms``, ``batched_groups`` / ``batched_phases``,
-        ``batched_loss``, ``batched_grads``, ``batched_memory`` / ``batched_accumulate``, ``batched_metrics``,
-        ``batched_end``. The default hooks are
-        ``train``'s plain local SGD with ``loss=``.
+        ``batched_loss``, ``batched_grads``, ``batched_memory`` / ``batched_accumulate`` / ``batched_collect``,
+        ``batched_metrics``, ``batched_end``. The default hooks are ``train``'s plain local SGD with ``loss=``.
         A class that overrides ``train`` or ``loss_fn`` sets ``batched_ready = True`` in its own body only when
         its ``batched_*`` hooks reproduce that update (tests/core/test_cohort.py checks batched == sequential
         for every strategy); otherwise client batching is refused for it, naming the method and, when that
@@ -215,8 +214,9 @@ class ClientAlgorithm:
         ``terms`` this client's :meth:`batched_terms`. Returns (objective, metrics): the gradient of the
         objective w.r.t. each trained parameter must be what ``train`` steps that parameter with on this batch
         (losses of other groups reach it only through ``detach``), and ``metrics`` (scalars, averaged over the
-        steps) should hold what ``train`` reports, "train/loss" first. No data-dependent Python control flow,
-        no ``.item()``."""
+        steps) should hold what ``train`` reports, "train/loss" first; tensors of other shapes in ``metrics``
+        are not averaged but handed to :meth:`batched_collect`. No data-dependent Python control flow, no
+        ``.item()``."""
         loss = masked_loss(terms, model(x), y, weight)
         return loss, {"train/loss": loss}
 
@@ -243,6 +243,15 @@ class ClientAlgorithm:
         """Client batching: ONE client's :meth:`batched_memory` after one of its steps, from the step's gradients
         of :meth:`batched_loss`'s objective (before :meth:`batched_grads`), its parameters before the step and its
         terms; a pure function under ``vmap`` (run only at the client's own steps). Default: unchanged."""
+        return memory
+
+    def batched_collect(self, memory: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor],
+                        epoch: torch.Tensor, terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Client batching: ONE client's :meth:`batched_memory` after one of its steps, from what its
+        :meth:`batched_loss` returned in ``metrics`` at that step (``outputs``, e.g. per-class sums of the batch's
+        features, computed before the step's update as ``train`` computes them) and the local epoch the step
+        belongs to (``epoch``, a 0-d tensor from 0); a pure function under ``vmap`` (run only at the client's
+        own steps, after :meth:`batched_accumulate`). Default: unchanged (not called unless overridden)."""
         return memory
 
     def batched_end(self, ctx: ClientContext) -> None:

@@ -293,22 +293,26 @@ def train_cohort(model: torch.nn.Module, start_state, datas: list, generators: l
     mem_stack = ({n: torch.stack([memory[i][n].to(device) for i in order]).contiguous() for n in memory[order[0]]}
                  if accumulate else {})
     transform = type(algorithm).batched_grads is not ClientAlgorithm.batched_grads
+    collect = accumulate and type(algorithm).batched_collect is not ClientAlgorithm.batched_collect
+    block = total_steps // max(int(cfg["local_epochs"]), 1)  # steps per epoch (every client's epoch e in block e)
     if not (accumulate or transform):
         plain = vmap(objective_grad, in_dims=(0, 0, 0, 0, 0, 0), randomness="error")
 
-        def step_fn(p, b, x, y, w, t, m):
+        def step_fn(p, b, x, y, w, t, m, epoch):
             return (*plain(p, b, x, y, w, t), m)
     else:  # the algorithm's per-client running sums and gradient transform, inside the same vmapped call
 
-        def step_of(p, b, x, y, w, t, m):
+        def step_of(p, b, x, y, w, t, m, epoch):
             grads, aux = objective_grad(p, b, x, y, w, t)
             if accumulate:
                 m = algorithm.batched_accumulate(m, grads, p, t)
+            if collect:
+                m = algorithm.batched_collect(m, aux[1], epoch, t)
             if transform:
                 grads = algorithm.batched_grads(grads, p, t)
             return grads, aux, m
 
-        step_fn = vmap(step_of, in_dims=(0, 0, 0, 0, 0, 0, 0), randomness="error")
+        step_fn = vmap(step_of, in_dims=(0, 0, 0, 0, 0, 0, 0, None), randomness="error")
     # backend.batched_autocast=bf16: the step's forward and backward under bfloat16 autocast (tensor cores on a
     # GPU); weights, optimizer arithmetic and BatchNorm statistics stay float32
     bf16 = str((cfg.get("backend") or {}).get("batched_autocast") or "none") == "bf16"
@@ -330,11 +334,14 @@ def train_cohort(model: torch.nn.Module, start_state, datas: list, generators: l
             with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
                 grads, (_, metrics), m = step_fn(p, b, x.view(a, bs, *x.shape[1:]), labels[index].view(a, bs),
                                                  table["valid"][s, :a].to(x.dtype), t,
-                                                 {n: v[:a] for n, v in mem_stack.items()})
+                                                 {n: v[:a] for n, v in mem_stack.items()},
+                                                 torch.tensor(s // max(block, 1), device=device))
             with torch.no_grad():  # torch.optim.SGD's multi-tensor arithmetic (dampening 0, no Nesterov)
                 for name, v in m.items() if accumulate else ():
                     mem_stack[name][:a].copy_(v)
                 for name, v in metrics.items():
+                    if v.dim() != 1:  # one scalar per client is averaged; other outputs are batched_collect's
+                        continue
                     if name not in sums:
                         sums[name] = torch.zeros(k, device=device, dtype=torch.promote_types(v.dtype, torch.float32))
                     sums[name][:a] += v.detach()

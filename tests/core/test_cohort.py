@@ -150,10 +150,10 @@ def test_cohort_reply_is_the_sample_weighted_average(model, tmp_path):
 
 
 def test_unsupported_strategy_is_refused():
-    cfg = {**CFG, "strategy": {"name": "fedproto", "lamda": 0.1, "proto_weighting": "counts"}}
-    with pytest.raises(ConfigError, match=r"backend\.client_batching=true for strategy=fedproto.*own train\(\) "
-                                          r"\(FedProtoClient\.train\) with no batched form because it uploads"):
-        check_supported(cfg, get_strategy("fedproto"))
+    cfg = {**CFG, "strategy": {"name": "fedgrab", "kp": 10.0, "ki": 0.01, "kd": 0.1}}
+    with pytest.raises(ConfigError, match=r"backend\.client_batching=true for strategy=fedgrab.*own train\(\) "
+                                          r"\(FedGraBClient\.train\) with no batched form because it re-weights"):
+        check_supported(cfg, get_strategy("fedgrab"))
     check_supported(CFG, get_strategy("fedavg"))  # fedavg is supported
     check_supported({**CFG, "loss": {"name": "focal"}}, get_strategy("fedavg"))  # so is every loss=
 
@@ -260,9 +260,36 @@ def test_fedrep_is_batched_as_its_head_phase_then_its_body_phase(local_epochs, b
         assert all(abs(got[k] - want[k]) < 1e-4 for k in want), (want, got)
 
 
+def test_fedproto_is_batched_with_the_received_prototypes_and_uploads_its_last_epochs_class_means():
+    """FedProto under client batching: the prototype pull towards the received global prototypes (a class without
+    one pulls nothing) and the upload of the per-class mean features of the LAST local epoch's batches, taken in
+    training mode before each step's update (batched_collect), as its own train computes them."""
+    import torch.nn.functional as F
+
+    from fedlt.config import param_defaults
+    from strategies.fedproto import GLOBAL, PRESENT, UP
+    from tests.core.batching import both_ways, mismatches
+
+    server = get_strategy("fedproto")
+    cfg = {**CFG, "local_epochs": 3, "strategy": {"name": "fedproto", **param_defaults(server.params), "lamda": 1.0}}
+    received = {GLOBAL: F.normalize(torch.randn(4, 16, generator=torch.Generator().manual_seed(7)), dim=1),
+                PRESENT: torch.tensor([1.0, 0.0, 1.0, 1.0])}
+    for rec in (None, received):
+        uploads: list = []
+        for rnd, seq, bat in both_ways(server, cfg, received=rec, uploads=uploads):
+            assert not mismatches(seq, bat), (rnd, mismatches(seq, bat))
+        for seq_up, bat_up in uploads:
+            for a, b in zip(seq_up, bat_up, strict=True):
+                assert set(a) == set(b) == {UP + "proto", UP + "count"}
+                assert torch.equal(a[UP + "count"], b[UP + "count"])  # one epoch's label histogram
+                assert torch.allclose(a[UP + "proto"], b[UP + "proto"], atol=1e-4, rtol=1e-3)
+        counts = [u[UP + "count"].sum() for seq_up, _ in uploads[:1] for u in seq_up]
+        assert counts == [21.0, 8.0, 3.0]  # the last epoch only (of 3; 9 = 8 + a batch of one, never drawn)
+
+
 REFUSED = {  # strategy -> what its refusal names (each reason names the method without a batched form)
     "centralized": "CentralizedClient.train", "ditto": "DittoClient.train",
-    "fedgrab": "FedGraBClient.train", "fedproto": "FedProtoClient.train",
+    "fedgrab": "FedGraBClient.train",
 }
 
 
@@ -278,7 +305,7 @@ def test_refused_strategies_name_the_reason(name):
 
 @pytest.mark.parametrize(("name", "why"), [
     ("ditto", "second full model per client"),
-    ("centralized", "pooled training set of all clients"), ("fedproto", "features of its last local epoch"),
+    ("centralized", "pooled training set of all clients"),
     ("fedgrab", "per-class PID controllers")])
 def test_a_strategy_that_cannot_be_batched_says_why(name, why):
     """Strategies whose update the vectorised trainer cannot express name the precise reason in the refusal."""
