@@ -4,7 +4,11 @@ besides training the global model w exactly as FedAvg does.
 Each time a client is sampled it first trains v for ``strategy.personal_epochs`` epochs (null = local_epochs)
 on loss(v) + lambda/2 * ||v - w||^2, with w the global model it just received, then trains w as in FedAvg and
 uploads w only. A client's v starts as the global model the first time it is sampled; a client never sampled
-predicts with the global model. Personalized predictor: v. Generic predictor: w. Client loss: ``loss=``."""
+predicts with the global model. Personalized predictor: v. Generic predictor: w. Client loss: ``loss=``.
+
+Client batching: the same two phases (``batched_phases``): v from the client's own state (else the received w)
+with the proximal term, whose anchor w travels in the client's terms, then w from the received model
+(``batched_phase_start`` keeps the trained v in ``ctx.state`` between them)."""
 
 from __future__ import annotations
 
@@ -15,17 +19,24 @@ import torch
 from torch import nn
 
 from fedlt.config import param
-from fedlt.api.client import ClientAlgorithm, ClientContext
+from fedlt.api.client import PHASE, ClientAlgorithm, ClientContext
 from fedlt.api.server import ServerAlgorithm
 
 PERSONAL = "personal_model."  # key prefix of v in ctx.state
 
 
+ANCHOR = "ditto.anchor."  # client batching: the received w's trainable arrays among a client's terms
+
+
+def _array(model: nn.Module, name: str) -> torch.Tensor:
+    """``model``'s array ``name`` as the module holds it now (under ``functional_call``: the client's tensor,
+    which ``get_parameter`` refuses because it is not an ``nn.Parameter``)."""
+    module, _, attr = name.rpartition(".")
+    return getattr(model.get_submodule(module), attr)
+
+
 class DittoClient(ClientAlgorithm):
-    batched_refusal = ("needs a second full model per client (its personal model in ctx.state, trained for its "
-                       "own personal_epochs with a proximal term before the global model's epochs), while every "
-                       "phase of the vectorised trainer steps the one model each client starts from the received "
-                       "global state")
+    batched_ready = True  # client batching: two phases (v with the proximal term, then w), see the hooks below
 
     @classmethod
     def personalization_stage(cls, cfg: dict) -> str:
@@ -54,6 +65,36 @@ class DittoClient(ClientAlgorithm):
         ctx.state.update({PERSONAL + k: v.detach().clone() for k, v in personal.state_dict().items()})
         metrics = super().train(ctx)  # the global model, as FedAvg
         return {**metrics, "train/personal_loss": own["train/loss"]}
+
+    # ------------------------------------------------------------- client batching (backend.client_batching)
+    def batched_phases(self, model: nn.Module, cfg: dict):
+        epochs = cfg["strategy"].get("personal_epochs")
+        personal = int(cfg["local_epochs"] if epochs is None else epochs)
+        return [(personal, self.batched_groups(model, cfg)), (int(cfg["local_epochs"]), self.batched_groups(model, cfg))]
+
+    def batched_phase_start(self, ctx: ClientContext, phase: int, start: dict, previous: dict) -> dict:
+        if phase == 0:  # v: the client's personal model, or the received w the first time
+            saved = {k[len(PERSONAL):]: v for k, v in ctx.state.items() if k.startswith(PERSONAL)}
+            return saved or start
+        ctx.state.update({PERSONAL + k: v.detach().clone() for k, v in previous.items()})  # v as trained
+        return start  # then w from the received global model, as FedAvg
+
+    def batched_terms(self, ctx: ClientContext) -> dict[str, torch.Tensor]:
+        anchor = {ANCHOR + n: p.detach().clone() for n, p in ctx.model.named_parameters() if p.requires_grad}
+        return {**super().batched_terms(ctx), **anchor}
+
+    def batched_loss(self, model, x, y, weight, terms):
+        loss, metrics = super().batched_loss(model, x, y, weight, terms)
+        lam = float(self.cfg["strategy"]["lam"])
+        if lam > 0:  # the proximal term on v (phase 0) only
+            prox = sum(((_array(model, k[len(ANCHOR):]) - w) ** 2).sum() for k, w in terms.items()
+                       if k.startswith(ANCHOR))
+            loss = loss + (terms[PHASE] == 0).to(loss.dtype) * 0.5 * lam * prox
+        return loss, {**metrics, "train/loss": loss}
+
+    def batched_metrics(self, phases: list[dict[str, float]]) -> dict[str, float]:
+        own, glob = phases
+        return {**glob, "train/personal_loss": own.get("train/loss", 0.0)}
 
     def predictors(self, ctx: ClientContext):
         return {"personal": self.personal_model(ctx).eval()}

@@ -31,6 +31,7 @@ from fedlt.train.local import run_local_epochs, sgd, supervised_step
 from fedlt.train.losses import build_loss, loss_terms, masked_loss
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
+PHASE = "batched.phase"  # client batching: the phase's index among the terms of a multi-phase update
 
 
 @dataclass
@@ -98,9 +99,9 @@ class ClientAlgorithm:
         personal state, ``ctx.state`` its extra state, and ``ctx.data`` its labels and counts but no images.
       * ``batched_ready`` and the ``batched_*`` hooks -- the same local update written for client batching
         (``backend.client_batching``, :mod:`fedlt.core.cohort`: a round's clients trained as ONE vmapped
-        computation): ``batched_begin``, ``batched_terms``, ``batched_groups`` / ``batched_phases``,
-        ``batched_loss``, ``batched_grads``, ``batched_memory`` / ``batched_accumulate`` / ``batched_collect``,
-        ``batched_metrics``, ``batched_end``. The default hooks are ``train``'s plain local SGD with ``loss=``.
+        computation): ``batched_begin``, ``batched_terms``, ``batched_groups`` / ``batched_phases`` /
+        ``batched_phase_start``, ``batched_loss``, ``batched_grads``, ``batched_memory`` /
+        ``batched_accumulate`` / ``batched_collect``, ``batched_metrics``, ``batched_end``. The default hooks are ``train``'s plain local SGD with ``loss=``.
         A class that overrides ``train`` or ``loss_fn`` sets ``batched_ready = True`` in its own body only when
         its ``batched_*`` hooks reproduce that update (tests/core/test_cohort.py checks batched == sequential
         for every strategy); otherwise client batching is refused for it, naming the method and, when that
@@ -197,6 +198,16 @@ class ClientAlgorithm:
         e.g. FedRep's head epochs then body epochs. Default: one phase, ``local_epochs`` epochs of
         :meth:`batched_groups`."""
         return [(int(cfg["local_epochs"]), self.batched_groups(model, cfg))]
+
+    def batched_phase_start(self, ctx: ClientContext, phase: int, start: dict[str, torch.Tensor],
+                            previous: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Client batching: the state dict this client trains phase ``phase`` of :meth:`batched_phases` from, given
+        its start state of the whole update (``start``) and the state the previous phase ended with
+        (``previous``; phase 0: ``start``); it may keep a phase's result in ``ctx.state`` (e.g. Ditto's personal
+        model, trained first from its own state, then the global model from the received one). In a multi-phase
+        update every client's terms carry the phase index under ``PHASE`` (a 0-d float tensor), so that
+        :meth:`batched_loss` can tell the phases apart. Default: ``previous``."""
+        return previous
 
     def batched_metrics(self, phases: list[dict[str, float]]) -> dict[str, float]:
         """Client batching: one client's metrics from its metrics of each phase of :meth:`batched_phases` (what

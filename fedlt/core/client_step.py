@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
-from fedlt.api.client import ClientAlgorithm, ClientContext
+from fedlt.api.client import PHASE, ClientAlgorithm, ClientContext
 from fedlt.core import personalize
 from fedlt.core.client_state import PERSONAL, STATE, cohort_key, server_held
 from fedlt.core.cohort import CLIENT_REPLIES, average_states, client_record_names, train_cohort
@@ -387,10 +387,14 @@ def train_group(algo: ClientAlgorithm, model: torch.nn.Module, base: dict, recor
         ctxs.append(ctx)
     phases = []  # the algorithm's phases one after another (fresh SGD state each), the generators continuing
     states = starts
-    for epochs, groups in algo.batched_phases(model, cfg):
+    plan = algo.batched_phases(model, cfg)
+    for i, (epochs, groups) in enumerate(plan):
+        states = [algo.batched_phase_start(ctx, i, start, previous)
+                  for ctx, start, previous in zip(ctxs, starts, states, strict=True)]
+        phase_terms = terms if len(plan) == 1 else [{**t, PHASE: torch.tensor(float(i))} for t in terms]
         states, metrics = train_cohort(model, states, datas, gens, {**cfg, "local_epochs": int(epochs)}, device,
-                                       round=rnd, algorithm=algo, terms=terms, memory=[ctx.memory for ctx in ctxs],
-                                       groups=groups)
+                                       round=rnd, algorithm=algo, terms=phase_terms,
+                                       memory=[ctx.memory for ctx in ctxs], groups=groups)
         phases.append(metrics)
     metrics = [algo.batched_metrics([phase[i] for phase in phases]) for i in range(len(datas))]
     ends = type(algo).batched_end is not ClientAlgorithm.batched_end

@@ -287,8 +287,27 @@ def test_fedproto_is_batched_with_the_received_prototypes_and_uploads_its_last_e
         assert counts == [21.0, 8.0, 3.0]  # the last epoch only (of 3; 9 = 8 + a batch of one, never drawn)
 
 
+def test_ditto_is_batched_as_its_personal_phase_then_its_global_phase():
+    """Ditto under client batching: first each client's personal model v (from its own state, else the received
+    w) with the proximal pull to w for ``personal_epochs``, kept in its state; then w as FedAvg. The same w and v
+    as its own train over two rounds; dropping the proximal term (the defining step) would not be."""
+    from fedlt.config import param_defaults
+    from strategies.ditto import DittoClient
+    from tests.core.batching import both_ways, mismatches
+
+    server = get_strategy("ditto")
+    cfg = {**CFG, "strategy": {"name": "ditto", **param_defaults(server.params), "lam": 5.0, "personal_epochs": 1}}
+    for rnd, seq, bat in both_ways(server, cfg):
+        assert not mismatches(seq, bat), (rnd, mismatches(seq, bat))
+        assert all(k.startswith("personal_model.") for _, state in bat for k in state) and bat[0][1]
+
+    no_pull = {**cfg, "strategy": {**cfg["strategy"], "lam": 0.0}}
+    _, seq, bat = next(both_ways(server, cfg, batched_algo=DittoClient(no_pull)))
+    assert any("extra state personal_model." in m for m in mismatches(seq, bat))
+
+
 REFUSED = {  # strategy -> what its refusal names (each reason names the method without a batched form)
-    "centralized": "CentralizedClient.train", "ditto": "DittoClient.train",
+    "centralized": "CentralizedClient.train",
     "fedgrab": "FedGraBClient.train",
 }
 
@@ -304,7 +323,6 @@ def test_refused_strategies_name_the_reason(name):
 
 
 @pytest.mark.parametrize(("name", "why"), [
-    ("ditto", "second full model per client"),
     ("centralized", "pooled training set of all clients"),
     ("fedgrab", "per-class PID controllers")])
 def test_a_strategy_that_cannot_be_batched_says_why(name, why):
