@@ -53,6 +53,10 @@ Deviations, and why:
 
 Uploads besides weights: none. DPA reads the aggregated classifier the server already holds (under
 ``privacy=dp_central`` it reads the noised model: post-processing), and the prior travels server -> client only.
+
+Client batching: the balancer's state (pos, neg, out, err) is the client's ``batched_memory``, which
+``batched_loss`` reads and ``batched_collect`` replaces at every step; the leave-out draws come from the same
+generator, one per step in order, through ``batched_random``.
 """
 
 from __future__ import annotations
@@ -63,7 +67,7 @@ import torch
 import torch.nn.functional as F
 from flwr.app import ArrayRecord, Message
 
-from fedlt.api.client import ClientAlgorithm, ClientContext
+from fedlt.api.client import MEMORY, RANDOM, ClientAlgorithm, ClientContext
 from fedlt.api.server import ServerAlgorithm
 from fedlt.config import param
 from fedlt.seeding import TRAIN, torch_generator
@@ -136,11 +140,7 @@ class GradientBalancer:
 
 
 class FedGraBClient(ClientAlgorithm):
-    batched_refusal = ("re-weights every step's loss by per-class PID controllers driven by running sums of its "
-                       "per-logit gradient magnitudes, leaving classes out by a fresh random draw at each step, "
-                       "while the vectorised trainer's batched_loss sees only fixed per-client terms (not the "
-                       "running batched_memory), batched_accumulate never sees the logits, and its vmap refuses "
-                       "random draws")
+    batched_ready = True  # client batching: the balancer's state as batched_memory, its draws as batched_random
 
     def loss_fn(self, ctx: ClientContext) -> GradientBalancer:
         """A balancer started from a copy of the client's state (``train`` saves it back; a fine-tuning copy with
@@ -159,6 +159,61 @@ class FedGraBClient(ClientAlgorithm):
         if balancer.q is not None:
             ctx.state.update(balancer.state())
         return metrics
+
+    # ------------------------------------------------------------- client batching (backend.client_batching)
+    # The GradientBalancer's step written as a pure function: its state (pos, neg, out, err) is the client's
+    # batched_memory, seen by batched_loss and replaced by batched_collect after each step; its leave-out draws
+    # come from the same generator through batched_random. Before the prior exists: the plain sigmoid-BCE.
+    def batched_terms(self, ctx: ClientContext) -> dict[str, torch.Tensor]:
+        prior, k = ctx.received.get(PRIOR), int(ctx.data.plan.num_classes)
+        q = torch.zeros(k) if prior is None else leave_out_probabilities(prior.float())
+        return {**super().batched_terms(ctx), "fedgrab.q": q}
+
+    def batched_memory(self, ctx: ClientContext) -> dict[str, torch.Tensor]:
+        k = int(ctx.data.plan.num_classes)
+        zeros = torch.zeros(k)
+        return {"pos": ctx.state.get(POS, zeros).float().clone(), "neg": ctx.state.get(NEG, zeros).float().clone(),
+                "out": ctx.state.get(OUT, zeros).float().clone(),
+                "err": ctx.state.get(ERR, torch.zeros(3, k)).float().clone()}
+
+    def batched_random(self, ctx: ClientContext):
+        if PRIOR not in ctx.received:  # the same for every client of a round
+            return None
+        gen = torch_generator(int(ctx.cfg["seed"]), TRAIN, ctx.round, int(ctx.data.client_id), SGB_STREAM)
+        return gen, (int(ctx.data.plan.num_classes),)
+
+    def batched_loss(self, model, x, y, weight, terms):
+        logits = model(x)
+        k = logits.shape[1]
+        target = (y[:, None] == torch.arange(k, device=y.device)[None, :]).to(logits.dtype)
+        per_logit = F.binary_cross_entropy_with_logits(logits, target, reduction="none") * weight[:, None]
+        n = weight.sum()
+        if RANDOM not in terms:  # no prior yet: the unweighted base loss
+            loss = per_logit.sum() / n
+            return loss, {"train/loss": loss}
+        s = self.cfg["strategy"]
+        kp, ki, kd = float(s["kp"]), float(s["ki"]), float(s["kd"])
+        pos, neg, out, err = (terms[MEMORY + n_] for n_ in ("pos", "neg", "out", "err"))
+        e = torch.stack([-(pos - neg), err[0], err[1]])  # GradientBalancer.weights: one PID step per class
+        out = out + kp * (e[0] - e[1]) + ki * e[0] + kd * (e[0] - 2.0 * e[1] + e[2])
+        w = weight_map(out) * target + weight_map(-out) * (1 - target)
+        left_out = terms[RANDOM] < terms["fedgrab.q"]
+        w = torch.where(left_out, torch.ones_like(w), w)
+        grad = (w * (torch.sigmoid(logits) - target)).abs().detach() / n * weight[:, None]
+        grad = torch.where(left_out, torch.zeros_like(grad), grad)
+        loss = (w.detach() * per_logit).sum() / n
+        return loss, {"train/loss": loss, "fedgrab/pos": pos + (grad * target).sum(0),
+                      "fedgrab/neg": neg + (grad * (1 - target)).sum(0), "fedgrab/out": out, "fedgrab/err": e}
+
+    def batched_collect(self, memory, outputs, epoch, terms):
+        if "fedgrab/pos" not in outputs:
+            return memory
+        return {n: outputs["fedgrab/" + n] for n in ("pos", "neg", "out", "err")}
+
+    def batched_end(self, ctx: ClientContext) -> None:
+        if PRIOR in ctx.received:
+            m = ctx.memory
+            ctx.state.update({POS: m["pos"], NEG: m["neg"], OUT: m["out"], ERR: m["err"]})
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,8 @@ from fedlt.train.losses import build_loss, loss_terms, masked_loss
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
 PHASE = "batched.phase"  # client batching: the phase's index among the terms of a multi-phase update
+MEMORY = "memory."  # client batching: a client's batched_memory among its terms (algorithms with batched_collect)
+RANDOM = "batched.random"  # client batching: this step's batched_random draw among the terms
 
 
 @dataclass
@@ -101,7 +103,8 @@ class ClientAlgorithm:
         (``backend.client_batching``, :mod:`fedlt.core.cohort`: a round's clients trained as ONE vmapped
         computation): ``batched_begin``, ``batched_terms``, ``batched_groups`` / ``batched_phases`` /
         ``batched_phase_start``, ``batched_loss``, ``batched_grads``, ``batched_memory`` /
-        ``batched_accumulate`` / ``batched_collect``, ``batched_metrics``, ``batched_end``. The default hooks are ``train``'s plain local SGD with ``loss=``.
+        ``batched_accumulate`` / ``batched_collect``, ``batched_random``, ``batched_metrics``, ``batched_end``.
+        The default hooks are ``train``'s plain local SGD with ``loss=``.
         A class that overrides ``train`` or ``loss_fn`` sets ``batched_ready = True`` in its own body only when
         its ``batched_*`` hooks reproduce that update (tests/core/test_cohort.py checks batched == sequential
         for every strategy); otherwise client batching is refused for it, naming the method and, when that
@@ -226,8 +229,9 @@ class ClientAlgorithm:
         objective w.r.t. each trained parameter must be what ``train`` steps that parameter with on this batch
         (losses of other groups reach it only through ``detach``), and ``metrics`` (scalars, averaged over the
         steps) should hold what ``train`` reports, "train/loss" first; tensors of other shapes in ``metrics``
-        are not averaged but handed to :meth:`batched_collect`. No data-dependent Python control flow, no
-        ``.item()``."""
+        are not averaged but handed to :meth:`batched_collect`; with :meth:`batched_collect` overridden,
+        ``terms`` also hold the client's current :meth:`batched_memory` (keys prefixed ``MEMORY``). No
+        data-dependent Python control flow, no ``.item()``."""
         loss = masked_loss(terms, model(x), y, weight)
         return loss, {"train/loss": loss}
 
@@ -264,6 +268,13 @@ class ClientAlgorithm:
         belongs to (``epoch``, a 0-d tensor from 0); a pure function under ``vmap`` (run only at the client's
         own steps, after :meth:`batched_accumulate`). Default: unchanged (not called unless overridden)."""
         return memory
+
+    def batched_random(self, ctx: ClientContext) -> tuple[torch.Generator, tuple[int, ...]] | None:
+        """Client batching: (generator, shape) when ``train`` draws ``torch.rand(shape, generator=...)`` once per
+        local step from a generator of its own (not ``ctx.generator``, whose batch draws are taken up front): the
+        trainer draws them in the same order and hands each step's to :meth:`batched_loss` as ``terms[RANDOM]``
+        (vmap itself refuses random draws). Default: None (no draws)."""
+        return None
 
     def batched_end(self, ctx: ClientContext) -> None:
         """Client batching: what ``train`` does for this client after its last batch (e.g. copy a head, mark

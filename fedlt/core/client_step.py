@@ -385,6 +385,7 @@ def train_group(algo: ClientAlgorithm, model: torch.nn.Module, base: dict, recor
         terms.append(algo.batched_terms(ctx))
         ctx.memory = algo.batched_memory(ctx)
         ctxs.append(ctx)
+    random = [algo.batched_random(ctx) for ctx in ctxs]
     phases = []  # the algorithm's phases one after another (fresh SGD state each), the generators continuing
     states = starts
     plan = algo.batched_phases(model, cfg)
@@ -394,7 +395,7 @@ def train_group(algo: ClientAlgorithm, model: torch.nn.Module, base: dict, recor
         phase_terms = terms if len(plan) == 1 else [{**t, PHASE: torch.tensor(float(i))} for t in terms]
         states, metrics = train_cohort(model, states, datas, gens, {**cfg, "local_epochs": int(epochs)}, device,
                                        round=rnd, algorithm=algo, terms=phase_terms,
-                                       memory=[ctx.memory for ctx in ctxs], groups=groups)
+                                       memory=[ctx.memory for ctx in ctxs], groups=groups, random=random)
         phases.append(metrics)
     metrics = [algo.batched_metrics([phase[i] for phase in phases]) for i in range(len(datas))]
     ends = type(algo).batched_end is not ClientAlgorithm.batched_end

@@ -41,6 +41,7 @@ import math
 import torch
 from torch.func import functional_call, grad_and_value, vmap
 
+from fedlt.api.client import MEMORY, RANDOM
 from fedlt.config import ConfigError
 from fedlt.data.augment import crop_flip, to_float
 
@@ -211,7 +212,8 @@ def train_cohort(model: torch.nn.Module, start_state, datas: list, generators: l
                  device: str = "cpu", round: int | None = None, algorithm=None,
                  terms: list[dict[str, torch.Tensor]] | None = None,
                  memory: list[dict[str, torch.Tensor]] | None = None,
-                 groups: list[tuple[tuple[str, ...], dict]] | None = None
+                 groups: list[tuple[tuple[str, ...], dict]] | None = None,
+                 random: list[tuple[torch.Generator, tuple[int, ...]] | None] | None = None
                  ) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, float]]]:
     """Train ``len(datas)`` clients with their local update, vectorised over clients.
 
@@ -223,6 +225,8 @@ def train_cohort(model: torch.nn.Module, start_state, datas: list, generators: l
     client's gradients to what its SGD steps with; ``memory``: each client's ``batched_memory`` (running
     tensors, replaced at each of its steps by ``batched_accumulate``), updated in place to the final values.
     ``groups``: the parameter groups of this call (one phase of ``batched_phases``; default ``batched_groups``).
+    ``random``: per client, ``batched_random``'s (generator, shape) or None: at each of the client's steps, in
+    order, one ``torch.rand(shape)`` from its generator reaches ``batched_loss`` as ``terms[RANDOM]``.
 
     Every step is ONE vmapped call: the clients' images live on the device in one tensor and each step gathers
     and augments all clients' batches at once from precomputed tables (:func:`_schedule`). The clients training
@@ -250,6 +254,15 @@ def train_cohort(model: torch.nn.Module, start_state, datas: list, generators: l
     assert all(bool(busy[s, : running[s]].all()) for s in range(total_steps)), "training clients must be a prefix"
     full = [bool(table["valid"][s, : running[s]].all()) for s in range(total_steps)]
     steps_of = busy.sum(0)
+    draws = None  # batched_random: each client's draws at its own steps, drawn in step order (as train draws them)
+    if random is not None and any(r is not None for r in random):
+        shape = next(r[1] for r in random if r is not None)
+        draws = torch.zeros(total_steps, k, *shape)
+        for lane, i in enumerate(order):
+            if random[i] is not None:
+                for step in busy[:, lane].nonzero().flatten().tolist():
+                    draws[step, lane] = torch.rand(shape, generator=random[i][0])
+        draws = draws.to(device)
     samples_of = table["valid"].sum((0, 2))
     table = {n: v.to(device, non_blocking=True) for n, v in table.items()}
     images = torch.cat([d.train_x for d in datas]).to(device, non_blocking=True)
@@ -303,6 +316,8 @@ def train_cohort(model: torch.nn.Module, start_state, datas: list, generators: l
     else:  # the algorithm's per-client running sums and gradient transform, inside the same vmapped call
 
         def step_of(p, b, x, y, w, t, m, epoch):
+            if collect:  # the running memory is part of what the loss sees
+                t = {**t, **{MEMORY + n: v for n, v in m.items()}}
             grads, aux = objective_grad(p, b, x, y, w, t)
             if accumulate:
                 m = algorithm.batched_accumulate(m, grads, p, t)
@@ -331,6 +346,8 @@ def train_cohort(model: torch.nn.Module, start_state, datas: list, generators: l
             p = {n: v[:a] for n, v in params.items()}  # views: in-place updates land in the stacks
             b = {n: v[:a] for n, v in buffers.items()}  # BatchNorm updates these running statistics in place
             t = {n: v[:a] for n, v in term_stack.items()}
+            if draws is not None:
+                t[RANDOM] = draws[s, :a]
             with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
                 grads, (_, metrics), m = step_fn(p, b, x.view(a, bs, *x.shape[1:]), labels[index].view(a, bs),
                                                  table["valid"][s, :a].to(x.dtype), t,

@@ -150,10 +150,27 @@ def test_cohort_reply_is_the_sample_weighted_average(model, tmp_path):
 
 
 def test_unsupported_strategy_is_refused():
-    cfg = {**CFG, "strategy": {"name": "fedgrab", "kp": 10.0, "ki": 0.01, "kd": 0.1}}
-    with pytest.raises(ConfigError, match=r"backend\.client_batching=true for strategy=fedgrab.*own train\(\) "
-                                          r"\(FedGraBClient\.train\) with no batched form because it re-weights"):
-        check_supported(cfg, get_strategy("fedgrab"))
+    """Centralized training (one client on the pooled data) is refused naming why; a strategy whose train has
+    no batched form is refused naming the method and the hooks it would need."""
+    from strategies.fedavg import FedAvgClient
+    from strategies.fedavg import Server as FedAvgServer
+
+    cfg = {**CFG, "strategy": {"name": "centralized"}}
+    with pytest.raises(ConfigError, match=r"backend\.client_batching=true for strategy=centralized.*own train\(\) "
+                                          r"\(CentralizedClient\.train\) with no batched form because it trains one "
+                                          r"virtual client on the pooled training set"):
+        check_supported(cfg, get_strategy("centralized"))
+
+    class OwnLoop(FedAvgClient):
+        def train(self, ctx):
+            return super().train(ctx)
+
+    class OwnLoopServer(FedAvgServer):
+        client_cls = OwnLoop
+
+    with pytest.raises(ConfigError, match=r"\(OwnLoop\.train\) with no batched form \(the ClientAlgorithm\.batched_\* "
+                                          r"hooks, declared by batched_ready = True in OwnLoop\)"):
+        check_supported({**CFG, "strategy": {"name": "fedavg"}}, OwnLoopServer)
     check_supported(CFG, get_strategy("fedavg"))  # fedavg is supported
     check_supported({**CFG, "loss": {"name": "focal"}}, get_strategy("fedavg"))  # so is every loss=
 
@@ -306,33 +323,20 @@ def test_ditto_is_batched_as_its_personal_phase_then_its_global_phase():
     assert any("extra state personal_model." in m for m in mismatches(seq, bat))
 
 
-REFUSED = {  # strategy -> what its refusal names (each reason names the method without a batched form)
-    "centralized": "CentralizedClient.train",
-    "fedgrab": "FedGraBClient.train",
-}
-
-
-@pytest.mark.parametrize("name", sorted(REFUSED))
-def test_refused_strategies_name_the_reason(name):
+def test_fedgrab_is_batched_with_its_balancer_state_and_leave_out_draws():
+    """Fed-GraB under client batching once the prior exists: each step's PID controller update, per-logit weights,
+    random leave-out draws (same generator, same order) and gradient-magnitude sums, carried over two rounds in
+    the client's state, as its own train; the matrix above covers the warm-up rounds (no prior, plain BCE)."""
     from fedlt.config import param_defaults
-    from fedlt.core.cohort import unsupported_reasons
+    from strategies.fedgrab import ERR, POS, PRIOR
+    from tests.core.batching import both_ways, mismatches
 
-    server = get_strategy(name)
-    cfg = {**CFG, "strategy": {"name": name, **param_defaults(server.params)}}
-    assert any(REFUSED[name] in r for r in unsupported_reasons(server, cfg)), unsupported_reasons(server, cfg)
-
-
-@pytest.mark.parametrize(("name", "why"), [
-    ("centralized", "pooled training set of all clients"),
-    ("fedgrab", "per-class PID controllers")])
-def test_a_strategy_that_cannot_be_batched_says_why(name, why):
-    """Strategies whose update the vectorised trainer cannot express name the precise reason in the refusal."""
-    from fedlt.config import param_defaults
-
-    server = get_strategy(name)
-    cfg = {**CFG, "strategy": {"name": name, **param_defaults(server.params)}}
-    with pytest.raises(ConfigError, match=f"strategy={name}.*because it .*{why}"):
-        check_supported(cfg, server)
+    server = get_strategy("fedgrab")
+    cfg = {**CFG, "strategy": {"name": "fedgrab", **param_defaults(server.params)}}
+    received = {PRIOR: torch.tensor([0.5, 0.3, 0.15, 0.05])}
+    for rnd, seq, bat in both_ways(server, cfg, received=received):
+        assert not mismatches(seq, bat), (rnd, mismatches(seq, bat))
+        assert all(state[POS].abs().sum() > 0 and state[ERR].shape == (3, 4) for _, state in bat)
 
 
 @pytest.mark.parametrize("loss", [
