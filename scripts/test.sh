@@ -5,4 +5,4 @@ cd "$(dirname "$0")/.."
 VENV=$(bash scripts/setup.sh | tail -n 1)
 # shellcheck disable=SC1091
 . "$VENV/.fedlt-env"
-exec "$VENV/bin/python" -m pytest -q "$@"
+exec "$VENV/bin/python" -m pytest -q --durations=15 "$@"
