@@ -308,6 +308,7 @@ def train_cohort(model: torch.nn.Module, start_state, datas: list, generators: l
     transform = type(algorithm).batched_grads is not ClientAlgorithm.batched_grads
     collect = accumulate and type(algorithm).batched_collect is not ClientAlgorithm.batched_collect
     block = total_steps // max(int(cfg["local_epochs"]), 1)  # steps per epoch (every client's epoch e in block e)
+    epoch_of = torch.arange(max(int(cfg["local_epochs"]), 1), device=device)  # views per step: no host copy
     if not (accumulate or transform):
         plain = vmap(objective_grad, in_dims=(0, 0, 0, 0, 0, 0), randomness="error")
 
@@ -352,7 +353,7 @@ def train_cohort(model: torch.nn.Module, start_state, datas: list, generators: l
                 grads, (_, metrics), m = step_fn(p, b, x.view(a, bs, *x.shape[1:]), labels[index].view(a, bs),
                                                  table["valid"][s, :a].to(x.dtype), t,
                                                  {n: v[:a] for n, v in mem_stack.items()},
-                                                 torch.tensor(s // max(block, 1), device=device))
+                                                 epoch_of[s // max(block, 1)])
             with torch.no_grad():  # torch.optim.SGD's multi-tensor arithmetic (dampening 0, no Nesterov)
                 for name, v in m.items() if accumulate else ():
                     mem_stack[name][:a].copy_(v)
